@@ -1,0 +1,72 @@
+"""Small dataclasses, one per concern, and the presets that fill them by name.
+
+A preset only changes names and sizes: every stage runs the same functions in every preset.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorldConfig:
+    """The procedural shapes world (or, for the real presets, where COCO lives)."""
+
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 6
+    seed: int = 0
+    # scenes per split; the splits are disjoint (no scene appears in two of them)
+    splits: dict[str, int] = field(
+        default_factory=lambda: {"pretrain": 20000, "train": 8000, "val": 500, "test": 500}
+    )
+
+
+@dataclass
+class TeacherConfig:
+    """Who writes the instruction data: the offline symbolic teacher or a chat endpoint."""
+
+    kind: str = "symbolic"  # "symbolic" | "chat"
+    seed: int = 0
+    model: str = ""  # chat model name for kind="chat"
+    base_url: str = ""  # OpenAI-compatible endpoint for kind="chat"
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable, never the key
+
+
+@dataclass
+class Preset:
+    name: str
+    world: WorldConfig = field(default_factory=WorldConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def replace(self, **changes) -> "Preset":
+        return dataclasses.replace(self, **changes)
+
+
+def _tiny() -> Preset:
+    return Preset(name="tiny")
+
+
+def _colab() -> Preset:
+    return Preset(
+        name="colab",
+        world=WorldConfig(image_size=224, splits={"train": 5000, "val": 200, "test": 200}),
+    )
+
+
+def _full() -> Preset:
+    return Preset(
+        name="full",
+        world=WorldConfig(image_size=336, splits={"train": 100000, "val": 1000, "test": 1000}),
+    )
+
+
+PRESETS = {"tiny": _tiny, "colab": _colab, "full": _full}
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of the named preset (changing it never changes the defaults)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None

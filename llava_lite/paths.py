@@ -1,0 +1,68 @@
+"""The one place that knows where files live.
+
+Inputs that ship with the project sit under ``data/`` (pretrained tiny backbones, prompt files);
+everything the tutorial generates goes under an ignored outputs folder, one sub-folder per preset:
+
+    outputs/<preset>/world/{annotations,<split>}/   COCO-format scenes
+    outputs/<preset>/instruct/                      LLaVA-format JSON
+    outputs/<preset>/features/                      feature cache shards
+    outputs/<preset>/checkpoints/                   training runs
+    outputs/notebooks/                              executed notebooks
+
+``LLAVA_LITE_OUTPUTS`` moves the outputs folder (the tests point it at a temporary directory).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DATA_DIR = REPO_DIR / "data"
+PRETRAINED_DIR = DATA_DIR / "pretrained"
+PROMPTS_DIR = DATA_DIR / "prompts"
+
+
+def outputs_root() -> Path:
+    return Path(os.environ.get("LLAVA_LITE_OUTPUTS", REPO_DIR / "outputs"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one preset's generated files live."""
+
+    root: Path
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Layout":
+        return cls(outputs_root() / preset)
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    def instances(self, split: str) -> Path:
+        return self.world / "annotations" / f"instances_{split}.json"
+
+    def captions(self, split: str) -> Path:
+        return self.world / "annotations" / f"captions_{split}.json"
+
+    def images(self, split: str) -> Path:
+        return self.world / split
+
+    @property
+    def instruct(self) -> Path:
+        return self.root / "instruct"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+def notebooks_out() -> Path:
+    return outputs_root() / "notebooks"

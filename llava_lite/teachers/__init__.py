@@ -1,0 +1,1 @@
+"""Teachers write instruction data from symbolic contexts (never from pixels)."""

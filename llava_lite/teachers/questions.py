@@ -1,0 +1,172 @@
+"""Exact-answer questions: one short, checkable answer each, stated from the context alone.
+
+They score stage 2 (``evaluate.py``) and, written as ``context -> question -> answer`` text on
+the ``pretrain`` split, teach the tiny language model to read. Every answer follows from the
+objects' names and boxes through :mod:`llava_lite.facts`.
+
+Types: ``count``, ``colour``, ``shape``, ``position``, ``exist``, ``size``. Colour and shape
+questions need category names that carry a colour (the shapes world); the other types work on
+any COCO context.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from .. import facts
+from ..facts import COLOURS, NUMBER_WORDS, SHAPES, Obj
+
+QTYPES = ("count", "colour", "shape", "position", "exist", "size")
+
+
+@dataclass(frozen=True)
+class ExactQA:
+    qtype: str
+    question: str
+    answer: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _the(name: str) -> str:
+    return f"the {name}"
+
+
+def _count(objs: list[Obj], rng: random.Random) -> ExactQA | None:
+    kinds = Counter(o.kind for o in objs)
+    colours = Counter(o.colour for o in objs if o.colour)
+    choices = [("shape", len(objs))]
+    pool = sorted(set(kinds) | ({k for k in SHAPES} if colours else set()))
+    choices += [(k, kinds.get(k, 0)) for k in pool]
+    choices += [(f"{c} shape", n) for c, n in colours.items()]
+    word, n = rng.choice(choices)
+    if word == "shape" and not colours:
+        word = "object"
+    many = facts.plural(word)
+    template = rng.choice(["How many {} are there?", "How many {} can you see?", "How many {} are in the picture?",
+                           "Count the {}."])
+    return ExactQA("count", template.format(many), NUMBER_WORDS[n] if n <= 6 or n < len(NUMBER_WORDS) else str(n))
+
+
+def _unique(objs: list[Obj], key) -> list[Obj]:
+    c = Counter(key(o) for o in objs)
+    return [o for o in objs if c[key(o)] == 1]
+
+
+def _colour(objs, rng):
+    cands = [o for o in _unique(objs, lambda o: o.kind) if o.colour]
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    t = rng.choice(["What colour is the {}?", "What is the colour of the {}?", "Which colour does the {} have?",
+                    "The {} is what colour?"])
+    return ExactQA("colour", t.format(o.kind), o.colour)
+
+
+def _shape(objs, rng):
+    cands = [o for o in _unique(objs, lambda o: o.colour) if o.colour]
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    t = rng.choice(["What shape is the {} object?", "What is the shape of the {} object?", "Which shape is {}?",
+                    "The {} object is what shape?"])
+    return ExactQA("shape", t.format(o.colour), o.kind)
+
+
+def _position(objs, rng):
+    named = _unique(objs, lambda o: o.name)
+    pairs = []
+    for a in named:
+        for b in named:
+            if a is b:
+                continue
+            if facts.left_of(a, b) or facts.left_of(b, a):
+                pairs.append((a, b, ("left", "right"), "left" if facts.left_of(a, b) else "right"))
+            if facts.above(a, b) or facts.above(b, a):
+                pairs.append((a, b, ("above", "below"), "above" if facts.above(a, b) else "below"))
+    if not pairs:
+        return None
+    a, b, options, answer = rng.choice(pairs)
+    x, y = options if rng.random() < 0.5 else options[::-1]
+    if options[0] == "left":
+        q = f"Is {_the(a.name)} to the {x} or to the {y} of {_the(b.name)}?"
+    else:
+        q = f"Is {_the(a.name)} {x} or {y} {_the(b.name)}?"
+    return ExactQA("position", q, answer)
+
+
+def _exist(objs, rng):
+    present = sorted({o.name for o in objs})
+    if rng.random() < 0.5:
+        name, answer = rng.choice(present), "yes"
+    else:
+        if any(o.colour for o in objs):
+            # absent categories that share a colour or a shape with something present are the hard ones
+            near = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present
+                    and any(o.colour == c or o.kind == s for o in objs)]
+            if not near:
+                return None
+            name = rng.choice(near)
+        else:
+            name = rng.choice(["dog", "umbrella", "bicycle", "pizza", "clock", "horse", "laptop", "boat"])
+            if name in present:
+                return None
+        answer = "no"
+    t = rng.choice(["Is there {} in the image?", "Can you see {}?", "Does the picture contain {}?", "Is there {}?"])
+    return ExactQA("exist", t.format(facts.article(name)), answer)
+
+
+def _size(objs, rng):
+    named = _unique(objs, lambda o: o.name)
+    if not named:
+        return None
+    o = rng.choice(named)
+    x, y = ("small", "large") if rng.random() < 0.5 else ("large", "small")
+    return ExactQA("size", f"Is {_the(o.name)} {x} or {y}?", o.size)
+
+
+MAKERS = {"count": _count, "colour": _colour, "shape": _shape, "position": _position, "exist": _exist, "size": _size}
+
+
+def exact_question(objs: list[Obj], rng: random.Random, qtype: str | None = None) -> ExactQA | None:
+    """One question of ``qtype`` (or of a random applicable type); ``None`` if none applies."""
+    if not objs:
+        return None
+    types = [qtype] if qtype else rng.sample(QTYPES, len(QTYPES))
+    for t in types:
+        qa = MAKERS[t](objs, rng)
+        if qa:
+            return qa
+    return None
+
+
+def exact_questions(objs: list[Obj], rng: random.Random, n: int) -> list[ExactQA]:
+    """Up to ``n`` different questions about one scene, types drawn evenly."""
+    out: list[ExactQA] = []
+    seen: set[str] = set()
+    for _ in range(n * 4):
+        qa = exact_question(objs, rng)
+        if qa and qa.question not in seen:
+            seen.add(qa.question)
+            out.append(qa)
+            if len(out) == n:
+                break
+    return out
+
+
+_WORDS = {str(i): w for i, w in enumerate(NUMBER_WORDS)}
+
+
+def normalise_answer(text: str) -> str:
+    """The first word of a reply, lower-cased, digits as words: ``'Three.'`` -> ``'three'``."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if not words:
+        return ""
+    return _WORDS.get(words[0], words[0])
+
+
+def is_correct(reply: str, answer: str) -> bool:
+    return normalise_answer(reply) == answer
