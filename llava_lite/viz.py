@@ -1,0 +1,65 @@
+"""Pictures for the notebooks: scenes with their boxes and captions, curves, tables."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+from .coco import SymbolicContext
+
+BOX_COLOUR = "black"
+
+
+def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncols: int = 4,
+                captions: int = 1, scale: float = 3.0):
+    """A grid of scenes with every box and category drawn on, and their first captions below."""
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(contexts)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.45 * captions + 0.3)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ctx in zip(axes.flat, contexts):
+        img = Image.open(Path(image_dir) / ctx.file_name).convert("RGB")
+        ax.imshow(img, extent=(0, 1, 1, 0))
+        for o in ctx.objects:
+            x1, y1, x2, y2 = o.box
+            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1, ec=BOX_COLOUR, ls="--"))
+            ax.text(x1, y1 - 0.01, o.name, fontsize=6, va="bottom", color=BOX_COLOUR)
+        text = "\n".join(textwrap.fill(c, 34) for c in ctx.captions[:captions])
+        ax.set_title(f"image {ctx.image_id}", fontsize=8)
+        ax.text(0, 1.03, text, fontsize=7, va="top", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str = "step",
+                ylabel: str = "loss", title: str = "", logy: bool = False):
+    """Several ``name -> (x, y)`` curves on one axis."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = "{:.3f}") -> str:
+    """A markdown table (renders in notebooks through ``IPython.display.Markdown``)."""
+    columns = list(columns or rows[0].keys())
+    fmt = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

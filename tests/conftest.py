@@ -1,0 +1,34 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from llava_lite import world
+from llava_lite.config import WorldConfig
+
+
+@pytest.fixture(scope="session")
+def outputs_dir(tmp_path_factory) -> Path:
+    """One outputs folder for the whole session (the notebooks build on each other's files)."""
+    path = tmp_path_factory.mktemp("outputs")
+    old = os.environ.get("LLAVA_LITE_OUTPUTS")
+    os.environ["LLAVA_LITE_OUTPUTS"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LLAVA_LITE_OUTPUTS", None)
+    else:
+        os.environ["LLAVA_LITE_OUTPUTS"] = old
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A small shapes world on disk, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("world")
+    world.generate(WorldConfig(splits={"pretrain": 30, "train": 60, "val": 20, "test": 20}), root, progress=False)
+    return root
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(0)
