@@ -1,0 +1,442 @@
+"""The tiny language model LLaVA's ``tiny`` preset starts from: a BPE tokenizer and a small Llama,
+pretrained on the world's text until it *reads* (answers questions from a symbolic context).
+
+The paper starts from an LLM that already reads and answers; ours must too before images are
+added. Its pretraining text is chat documents in the layout stage 2 uses::
+
+    <|user|>{object lines}\\n{question}<|end|><|assistant|>{answer}<|end|><|user|>{question}<|end|>...
+
+with the loss on the assistant turns only. In stage 2 the object lines are replaced by
+``<image>`` tokens in exactly that place. A share of documents asks for a caption instead
+("Describe the image briefly."), which stage 1 needs.
+
+``llava-lite backbones lm`` trains it; :func:`text_only_accuracy` scores it on held-out scenes
+(the analogue of the paper's text-only GPT-4 row). The tiny CLIP lives in
+:mod:`llava_lite.clip_pretrain` and adds ``llava-lite backbones clip`` through
+:data:`SUBCOMMANDS`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import io
+from .coco import SymbolicContext, load_contexts
+from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>", "<|end|>")
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+CAPTION_PROMPT = "Describe the image briefly."
+
+# roles user/assistant (and an optional leading system message, written as plain text)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|end|>"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# words (space-prefixed), single digits, punctuation runs (", " before a digit stays one piece),
+# newlines, other whitespace
+_PIECES = r" ?[A-Za-z]+|\d| ?[^\sA-Za-z\d]+(?: [^\sA-Za-z\d]+)*(?: (?=\d))?|\n|\s"
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``.
+
+    Every word is space-prefixed (a word at the start of a line or of a turn gets a space too,
+    so ``red`` is one token wherever it stands) and every digit is its own token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", "\n "), normalizers.Prepend(" ")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["<image>", USER, ASSISTANT, END])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questions_per_scene: int = 6) -> Iterable[str]:
+    """The text the tokenizer learns from: object lines, questions, answers and captions."""
+    rng = random.Random(seed)
+    for ctx in contexts:
+        yield object_lines(ctx)
+        yield from ctx.captions
+        for qa in scene_questions(ctx, rng, questions_per_scene):
+            yield qa.question
+            yield qa.answer
+    yield CAPTION_PROMPT
+
+
+
+# ------------------------------------------------------------------------------ documents
+def object_lines(ctx: SymbolicContext) -> str:
+    """The ``name: [x1, y1, x2, y2]`` lines of ``ctx.text()`` (no captions), in the file's order."""
+    text = ctx.text()
+    lines = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    if len(lines.split("\n")) != len(ctx.objects):
+        raise ValueError(f"image {ctx.image_id}: expected {len(ctx.objects)} object lines, found {lines!r}")
+    return lines
+
+
+def _content_key(qa: ExactQA) -> tuple:
+    """What a question asks, without its wording (two phrasings of one question share it)."""
+    return (qa.qtype, qa.answer, tuple(w for w in re.findall(r"[a-z]+", qa.question.lower()) if w in _CONTENT))
+
+
+_CONTENT = {"red", "orange", "yellow", "green", "blue", "purple", "circle", "square", "triangle", "circles",
+            "squares", "triangles", "shape", "shapes", "object", "objects"}
+
+
+def scene_questions(ctx: SymbolicContext, rng: random.Random, n: int) -> list[ExactQA]:
+    """Up to ``n`` questions about one scene, types drawn evenly, no question asked twice in
+    other words (a repeated question could be answered by copying the earlier answer)."""
+    out, seen = [], set()
+    for _ in range(n * 4):
+        qa = exact_question(ctx.objects, rng)
+        if qa and _content_key(qa) not in seen:
+            seen.add(_content_key(qa))
+            out.append(qa)
+            if len(out) == n:
+                break
+    return out
+
+
+def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, qa_per_doc: int = 8,
+                      caption_share: float = 0.05) -> list[list[dict]]:
+    """One chat document per context: the object lines, then ``qa_per_doc`` questions and their
+    answers (the first question shares the first user turn with the context). A
+    ``caption_share`` of documents instead asks for a caption and gets one of the scene's."""
+    docs = []
+    for ctx in contexts:
+        lines = object_lines(ctx)
+        if ctx.captions and rng.random() < caption_share:
+            docs.append([{"role": "user", "content": f"{lines}\n{CAPTION_PROMPT}"},
+                         {"role": "assistant", "content": rng.choice(ctx.captions)}])
+            continue
+        qas = scene_questions(ctx, rng, qa_per_doc)
+        if not qas:
+            continue
+        doc = []
+        for i, qa in enumerate(qas):
+            doc.append({"role": "user", "content": f"{lines}\n{qa.question}" if i == 0 else qa.question})
+            doc.append({"role": "assistant", "content": qa.answer})
+        docs.append(doc)
+    return docs
+
+
+class ChatEncoder:
+    """Token ids and loss labels of chat documents, equal to ``apply_chat_template``'s rendering.
+
+    Pieces (a question, an answer, a context) are tokenized once and cached; the special tokens
+    split the text, so a document's tokens are the concatenation of its pieces' tokens.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.user, self.assistant, self.end = (tokenizer.convert_tokens_to_ids(t) for t in (USER, ASSISTANT, END))
+        self._piece = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)))
+
+    def encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """``(ids, labels)``: labels are the ids on assistant content and its ``<|end|>``, else -100."""
+        ids, labels = [], []
+        for m in messages:
+            role = m["role"]
+            if role == "system":
+                part = list(self._piece(m["content"] + "\n"))
+                ids += part
+                labels += [-100] * len(part)
+                continue
+            head = {"user": self.user, "assistant": self.assistant}.get(role)
+            if head is None:
+                raise ValueError(f"unknown chat role {role!r} (expected system, user or assistant)")
+            body = list(self._piece(m["content"])) + [self.end]
+            ids += [head] + body
+            labels += [-100] + (body if role == "assistant" else [-100] * len(body))
+        return ids, labels
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """Ids of ``messages`` followed by the generation prompt ``<|assistant|>``."""
+        return self.encode(messages)[0] + [self.assistant]
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, T]`` ids and labels (padding is -100 in labels). Causal attention never
+    looks right, so right padding needs no attention mask."""
+    T = max(len(i) for i, _ in pairs)
+    ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), -100, dtype=torch.long)
+    for b, (i, l) in enumerate(pairs):
+        ids[b, : len(i)] = torch.tensor(i)
+        labels[b, : len(l)] = torch.tensor(l)
+    return ids, labels
+
+
+# ------------------------------------------------------------------------------ model
+@dataclass
+class LMConfig:
+    """The tiny Llama and how it is pretrained."""
+
+    lm_hidden: int = 192
+    lm_layers: int = 4
+    lm_heads: int = 6
+    lm_intermediate: int = 512
+    lm_max_positions: int = 1024
+    lm_rope_theta: float = 10000.0
+    vocab_size: int = 512  # BPE target size
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    qa_per_doc: int = 8
+    caption_share: float = 0.05
+    bf16: bool = True
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 250
+    eval_scenes: int = 150
+    checkpoint_every: int = 250
+    length_group: int = 4  # batches drawn together and sorted by length (less padding)
+
+
+def build_model(cfg: LMConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden, intermediate_size=cfg.lm_intermediate,
+        num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads, num_key_value_heads=cfg.lm_heads,
+        max_position_embeddings=cfg.lm_max_positions, rope_theta=cfg.lm_rope_theta, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(END),
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def load_tiny_lm(path: str | Path):
+    """``(model, tokenizer)`` from a directory written by :func:`pretrain_lm` (or any
+    ``save_pretrained`` causal LM with a chat tokenizer), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; expected a save_pretrained model directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------ evaluation
+def eval_questions(contexts: Sequence[SymbolicContext], per_scene: int = 6, seed: int = 1234):
+    """A fixed list of ``(context, ExactQA)``: ``per_scene`` questions per scene."""
+    out = []
+    for ctx in contexts:
+        rng = random.Random(f"{seed}:{ctx.image_id}")
+        out += [(ctx, qa) for qa in scene_questions(ctx, rng, per_scene)]
+    return out
+
+
+@torch.no_grad()
+def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], per_scene: int = 6,
+                       batch_size: int = 64, max_new_tokens: int = 4, seed: int = 1234,
+                       progress: bool = False) -> dict:
+    """Exact-answer accuracy from the symbolic context alone (object lines + question in the
+    first user turn), greedy, batched with a KV cache. Returns overall and per-type accuracy,
+    question counts and each type's most-common-answer baseline."""
+    enc = ChatEncoder(tokenizer)
+    items = eval_questions(contexts, per_scene, seed)
+    prompts = [enc.prompt([{"role": "user", "content": f"{object_lines(c)}\n{qa.question}"}]) for c, qa in items]
+    end_id, pad_id = enc.end, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    replies = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    for s in tqdm(range(0, len(order), batch_size), desc="text-only eval", disable=not progress):
+        idx = order[s: s + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # [B, T], left padded
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, T - len(prompts[i]):] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=end_id, pad_token_id=pad_id, use_cache=True)  # [B, T + new]
+        for b, i in enumerate(idx):
+            new = out[b, T:].tolist()
+            new = new[: new.index(end_id)] if end_id in new else new
+            replies.append((i, tokenizer.decode(new, skip_special_tokens=True)))
+    model.train(was_training)
+    replies = [r for _, r in sorted(replies)]
+
+    per_type, answers = defaultdict(list), defaultdict(Counter)
+    for (ctx, qa), reply in zip(items, replies):
+        per_type[qa.qtype].append(is_correct(reply, qa.answer))
+        answers[qa.qtype][qa.answer] += 1
+    result = {"overall": sum(sum(v) for v in per_type.values()) / max(1, len(items)), "questions": len(items),
+              "scenes": len(contexts), "accuracy": {}, "baseline": {}, "count": {}}
+    for t in QTYPES:
+        if per_type[t]:
+            result["accuracy"][t] = sum(per_type[t]) / len(per_type[t])
+            result["baseline"][t] = answers[t].most_common(1)[0][1] / len(per_type[t])
+            result["count"][t] = len(per_type[t])
+    result["examples"] = [{"context": object_lines(c), "question": qa.question, "answer": qa.answer, "reply": r}
+                          for (c, qa), r in list(zip(items, replies))[:5]]
+    return result
+
+
+# ------------------------------------------------------------------------------ training
+def _lr_at(step: int, cfg: LMConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class DocStream:
+    """Deterministic batches: step ``s`` always gets the same documents (so a resumed run sees
+    the same data). ``length_group`` batches are drawn together and sorted by length."""
+
+    def __init__(self, contexts, encoder: ChatEncoder, cfg: LMConfig, pad_id: int):
+        self.contexts, self.enc, self.cfg, self.pad_id = contexts, encoder, cfg, pad_id
+        self._group, self._cached = None, None
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g, k = divmod(step, self.cfg.length_group)
+        if self._group != g:
+            rng = random.Random(f"{self.cfg.seed}:docs:{g}")
+            n = self.cfg.batch_size * self.cfg.length_group
+            scenes = [self.contexts[rng.randrange(len(self.contexts))] for _ in range(n)]
+            docs = reading_documents(scenes, rng, self.cfg.qa_per_doc, self.cfg.caption_share)
+            while len(docs) < n:  # a scene without questions is rare; top up
+                docs += reading_documents([self.contexts[rng.randrange(len(self.contexts))]], rng,
+                                          self.cfg.qa_per_doc, self.cfg.caption_share)
+            pairs = sorted((self.enc.encode(d) for d in docs[:n]), key=lambda p: len(p[0]))
+            self._group, self._cached = g, pairs
+        B = self.cfg.batch_size
+        return collate(self._cached[k * B: (k + 1) * B], self.pad_id)
+
+
+def lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits  # [B, T, V]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicContext], out: str | Path,
+                cfg: LMConfig, tokenizer=None, progress: bool = True,
+                on_eval: Callable[[int, dict], None] | None = None):
+    """Pretrain the tiny LM on reading documents from ``pretrain`` scenes; score it on ``val``.
+
+    Writes to ``out``: ``log.jsonl`` (one line per step: loss, lr, seconds; eval lines with
+    per-type accuracy), ``checkpoint.pt`` every ``checkpoint_every`` steps (a stopped run
+    resumes from it), and at the end the model and tokenizer (``save_pretrained``) plus
+    ``metrics.json``. Returns ``(model, tokenizer, metrics)``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    if tokenizer is None:
+        tok_dir = out / "tokenizer"
+        if (tok_dir / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        else:
+            tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed), cfg.vocab_size)
+            tokenizer.save_pretrained(tok_dir)
+    model = build_model(cfg, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start, elapsed = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt}: written with a different config; delete it or use the same settings")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, elapsed = state["step"], state["elapsed"]
+        log.info("resuming from %s at step %d", ckpt, start)
+    stream = DocStream(pretrain, ChatEncoder(tokenizer), cfg, tokenizer.pad_token_id)
+    log_path = out / "log.jsonl"
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny LM: %.2fM parameters, %d steps of %d documents", n_params / 1e6, cfg.steps, cfg.batch_size)
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc="pretrain LM", disable=not progress, initial=start, total=cfg.steps)
+    t0 = time.perf_counter() - elapsed
+    with open(log_path, "a") as logf:
+        for step in bar:
+            ids, labels = stream.batch(step)  # [B, T]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = lm_loss(model, ids, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": round(opt.param_groups[0]["lr"], 7),
+                   "tokens": ids.numel(), "seconds": round(time.perf_counter() - t0, 2)}
+            logf.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            done = step + 1
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and val:
+                m = text_only_accuracy(model, tokenizer, val[: cfg.eval_scenes])
+                model.train()
+                ev = {"step": done, "seconds": round(time.perf_counter() - t0, 2), "eval_overall": round(m["overall"], 4),
+                      **{f"eval_{k}": round(v, 4) for k, v in m["accuracy"].items()}}
+                logf.write(json.dumps(ev) + "\n")
+                logf.flush()
+                log.info("step %d: %s", done, ev)
+                if on_eval:
+                    on_eval(done, m)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                logf.flush()
+                with io.atomic_path(ckpt) as tmp:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                                "elapsed": time.perf_counter() - t0, "config": asdict(cfg)}, tmp)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    metrics = {"parameters": n_params, "steps": cfg.steps, "train_seconds": round(time.perf_counter() - t0, 1),
+               "config": asdict(cfg)}
+    io.write_json(out / "metrics.json", metrics, indent=2)
+    if ckpt.exists():
+        ckpt.unlink()
+    return model, tokenizer, metrics
