@@ -31,6 +31,15 @@ class TeacherConfig:
     model: str = ""  # chat model name for kind="chat"
     base_url: str = ""  # OpenAI-compatible endpoint for kind="chat"
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable, never the key
+    # chat teacher: request shape, concurrency and how hard to retry
+    chat_temperature: float | None = 0.2  # None: leave it out of the request (some models refuse it)
+    chat_max_tokens: int = 1024  # 0: leave it out of the request
+    chat_concurrency: int = 4  # requests in flight at once
+    chat_timeout_s: float = 120.0  # per request
+    chat_max_retries: int = 6  # per request, on 429, 5xx, timeouts and dropped connections
+    chat_backoff_s: float = 1.0  # first back-off; doubles each retry (with jitter)
+    chat_max_backoff_s: float = 60.0
+    chat_format_retries: int = 2  # extra requests for a context whose reply is malformed
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Measuring a CLIP: zero-shot image->caption retrieval and linear probes on patch features.
+
+Both are used to judge the tiny CLIP (its README and test) and in notebooks 00 and 02.
+
+- :func:`retrieval_recall`: candidates come in groups of ``group`` scenes (100: one correct
+  caption among 100); each image ranks its group's captions; recall@k is how often its own
+  caption is among the top k. Round ``r`` uses each scene's ``r``-th caption, and the rounds
+  are averaged, so every captioning style is scored.
+- :func:`linear_probe`: a logistic-regression probe (multi-label) trained on one set of scenes
+  and scored on another; accuracy is counted per (scene, label) pair.
+- :func:`scene_labels`: which shapes and which colours a scene contains, as 0/1 matrices.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .facts import COLOURS, SHAPES, Obj
+
+
+def scene_labels(scenes: Sequence[Sequence[Obj]]) -> dict[str, torch.Tensor]:
+    """``{"shape": [N, 3], "colour": [N, 6]}`` presence labels (float 0/1) for lists of objects."""
+    shape = torch.zeros(len(scenes), len(SHAPES))
+    colour = torch.zeros(len(scenes), len(COLOURS))
+    for i, objs in enumerate(scenes):
+        for o in objs:
+            shape[i, SHAPES.index(o.kind)] = 1
+            colour[i, COLOURS.index(o.colour)] = 1
+    return {"shape": shape, "colour": colour}
+
+
+@torch.no_grad()
+def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int = 100,
+                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Image->caption recall@k among ``group`` candidates.
+
+    ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``, R captions per scene (rounds).
+    Scenes beyond the last full group are left out. Returns ``{"r@1": .., "r@5": .., "n": ..}``.
+    """
+    n, rounds = caption_emb.shape[0], caption_emb.shape[1]
+    if n < group:
+        raise ValueError(f"retrieval needs at least {group} scenes, got {n}")
+    img = F.normalize(image_emb.float(), dim=-1)
+    cap = F.normalize(caption_emb.float(), dim=-1)
+    hits = {k: 0 for k in ks}
+    total = 0
+    for start in range(0, n - group + 1, group):
+        gi = img[start:start + group]  # [G, D]
+        for r in range(rounds):
+            gc = cap[start:start + group, r]  # [G, D]
+            sim = gi @ gc.T  # [G, G]: image i vs caption j
+            own = sim.diagonal().unsqueeze(1)  # [G, 1]
+            rank = (sim > own).sum(dim=1)  # captions scored strictly above the right one
+            for k in ks:
+                hits[k] += int((rank < k).sum())
+            total += group
+    return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 l2: float = 1e-3, steps: int = 200) -> dict[str, float]:
+    """Fit a multi-label logistic regression on ``[N, D]`` features and ``[N, K]`` 0/1 labels.
+
+    Features are standardised with the training set's statistics. Returns the test accuracy per
+    (scene, label) pair, the share of test scenes with every label right, and the accuracy of
+    always answering each label's majority value (the baseline to beat).
+    """
+    mu, sd = train_x.float().mean(0), train_x.float().std(0) + 1e-6
+    xtr, xte = (train_x.float() - mu) / sd, (test_x.float() - mu) / sd
+    ytr, yte = train_y.float(), test_y.float()
+    w = torch.zeros(xtr.shape[1], ytr.shape[1], requires_grad=True)
+    b = torch.zeros(ytr.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xtr @ w + b, ytr) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = (xte @ w + b) > 0  # [N, K]
+        right = pred == yte.bool()
+        majority = (ytr.mean(0) > 0.5)  # [K]
+        base = (majority.unsqueeze(0) == yte.bool()).float().mean()
+    return {"accuracy": right.float().mean().item(), "all_right": right.all(1).float().mean().item(),
+            "majority": base.item()}

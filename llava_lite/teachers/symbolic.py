@@ -1,0 +1,373 @@
+"""The symbolic teacher: writes LLaVA's instruction data from a symbolic context, offline.
+
+It stands where the paper's text-only GPT stands: it reads the captions and boxes (never the
+pixels) and writes the three response types of the paper, ``conversation``, ``detail`` and
+``complex``, plus stage-1 ``caption`` samples and ``exact`` (one short checkable answer per
+question) samples. Every fact it states is one of a few sentence forms built from
+:mod:`llava_lite.facts`, so a test can parse the text back and check it against the boxes:
+
+    there are three circles            (counts)
+    the circle is red                                                    (colours)
+    the red circle is in the top left corner                              (regions)
+    the red circle is to the left of the blue square                     (relations)
+    the red circle is large                                              (sizes)
+    there is no green square                                             (absence)
+
+The wording around those facts, and every question, varies. Works on the shapes world and on
+real COCO contexts (objects without colours, people, crowded scenes) alike.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from typing import Iterable
+
+from .. import facts
+from ..coco import SymbolicContext
+from ..facts import COLOURS, Obj, article, count_phrase, plural
+from . import questions
+
+log = logging.getLogger(__name__)
+
+TYPES = ("caption", "conversation", "detail", "complex", "exact")
+
+# our own paraphrases of "describe the image briefly", for stage-1 caption samples
+BRIEF_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "Give a short description of this picture.",
+    "What does this image show, in a few words?",
+    "Summarise the picture in one sentence.",
+    "Write a brief caption for the image.",
+    "Tell me in short what is in the image.",
+    "Provide a one-line description of the picture.",
+    "Caption this image.",
+    "Sum up what you see here.",
+    "In one sentence, what is in this photo?",
+    "Describe the scene concisely.",
+    "Give this image a short caption.",
+)
+
+
+# ----------------------------------------------------------------- fact sentences
+def _counted(objs: list[Obj]) -> Counter:
+    return Counter(o.kind for o in objs)
+
+
+def unique(objs: list[Obj]) -> list[Obj]:
+    """Objects whose name appears once: the only ones a sentence can call "the <name>"."""
+    c = Counter(o.name for o in objs)
+    return [o for o in objs if c[o.name] == 1]
+
+
+def there_are(n: int, noun: str) -> str:
+    return f"there {'is' if n == 1 else 'are'} {count_phrase(n, noun)}"
+
+
+def the(o: Obj | str) -> str:
+    return f"the {o if isinstance(o, str) else o.name}"
+
+
+def is_at(o: Obj) -> str:
+    return f"{the(o)} is {facts.region_phrase(o)}"
+
+
+def is_rel(a: Obj, rel: str, b: Obj) -> str:
+    return f"{the(a)} is {facts.RELATION_PHRASES[rel]} {the(b)}"
+
+
+def listing(objs: list[Obj]) -> str:
+    """``a red circle, two blue squares and a person``: every object, grouped by name."""
+    names = Counter(o.name for o in objs)
+    parts = [article(n) if k == 1 else count_phrase(k, n) for n, k in names.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+# ----------------------------------------------------------------- conversation
+def _qa_objects(objs, rng):
+    q = rng.choice(["What objects are in the image?", "What can you see in this picture?", "What is shown in the image?",
+                    "Which things appear in this image?"])
+    lead = rng.choice(["I can see ", "The image shows ", "In the picture there is ", "This picture contains "])
+    return q, f"{lead}{listing(objs)}."
+
+
+def _qa_count(objs, rng):
+    kinds = _counted(objs)
+    kind = rng.choice(sorted(kinds))
+    n = kinds[kind]
+    q = rng.choice([f"How many {plural(kind)} are there?", f"How many {plural(kind)} can you see?",
+                    f"Can you count the {plural(kind)} in the image?"])
+    return q, cap(there_are(n, kind)) + rng.choice([" in the image.", ".", " in total."])
+
+
+def _qa_total(objs, rng):
+    noun = "shape" if objs[0].colour else "object"
+    q = rng.choice([f"How many {plural(noun)} are in the picture altogether?", f"How many {plural(noun)} does the image contain?"])
+    return q, cap(there_are(len(objs), noun)) + " altogether."
+
+
+def _qa_colour(objs, rng):
+    kinds = _counted(objs)
+    cands = [o for o in objs if o.colour and kinds[o.kind] == 1]
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    q = rng.choice([f"What colour is the {o.kind}?", f"Which colour does the {o.kind} have?", f"Tell me the colour of the {o.kind}."])
+    return q, f"The {o.kind} is {o.colour}."
+
+
+def _qa_where(objs, rng):
+    cands = unique(objs)
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    q = rng.choice([f"Where is {the(o)}?", f"Where in the image is {the(o)} located?", f"Can you tell me where {the(o)} is?"])
+    return q, cap(is_at(o)) + "."
+
+
+def _qa_relation(objs, rng):
+    pairs = [(a, b, facts.relation(a, b)) for a in unique(objs) for b in unique(objs) if a is not b]
+    pairs = [p for p in pairs if p[2]]
+    if not pairs:
+        return None
+    a, b, rel = rng.choice(pairs)
+    if rng.random() < 0.5:
+        q = rng.choice([f"What is the position of {the(a)} relative to {the(b)}?", f"How is {the(a)} placed compared with {the(b)}?"])
+        return q, cap(is_rel(a, rel, b)) + "."
+    wrong = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+    asked = rel if rng.random() < 0.5 else wrong
+    q = f"Is {the(a)} {facts.RELATION_PHRASES[asked]} {the(b)}?"
+    if asked == rel:
+        return q, f"Yes, {is_rel(a, rel, b)}."
+    return q, f"No, {is_rel(a, rel, b)}."
+
+
+def _qa_size(objs, rng):
+    if len(objs) < 2:
+        return None
+    big = max(objs, key=lambda o: o.area)
+    if sum(o.area >= 0.8 * big.area for o in objs) > 1 or big.name not in {o.name for o in unique(objs)}:
+        return None
+    q = rng.choice(["Which object is the biggest?", "What is the largest thing in the image?", "Which shape takes up the most space?"])
+    return q, f"The biggest one is {the(big)}; {the(big)} is {big.size}."
+
+
+def _qa_exists(objs, rng):
+    present = sorted({o.name for o in objs})
+    if rng.random() < 0.5:
+        name = rng.choice(present)
+        o = next(o for o in objs if o.name == name)
+        n = sum(p.name == name for p in objs)
+        ans = f"Yes, {there_are(n, name)}" + (f"; {is_at(o)}." if n == 1 else ".")
+    else:
+        if objs[0].colour:
+            absent = [f"{c} {o.kind}" for o in objs for c in COLOURS if f"{c} {o.kind}" not in present]
+        else:
+            absent = [n for n in ("dog", "bicycle", "umbrella", "horse", "laptop", "clock") if n not in present]
+        if not absent:
+            return None
+        name = rng.choice(sorted(set(absent)))
+        ans = f"No, there is no {name} in the image."
+    q = rng.choice([f"Is there {article(name)} in the image?", f"Do you see {article(name)}?", f"Does the picture contain {article(name)}?"])
+    return q, ans
+
+
+CONVERSATION_QA = (_qa_objects, _qa_count, _qa_total, _qa_colour, _qa_where, _qa_relation, _qa_size, _qa_exists)
+
+
+def conversation(ctx: SymbolicContext, rng: random.Random) -> list[tuple[str, str]]:
+    """3-5 question/answer turns, each about something else."""
+    objs = ctx.objects
+    turns, seen = [], set()
+    makers = list(CONVERSATION_QA)
+    rng.shuffle(makers)
+    target = rng.randint(3, 5)
+    for make in makers:
+        qa = make(objs, rng) if objs else None
+        if qa and qa[0] not in seen:
+            seen.add(qa[0])
+            turns.append(qa)
+        if len(turns) == target:
+            break
+    if not objs:  # a COCO image without annotated objects: talk about its captions only
+        turns = [("What is happening in this image?", ctx.captions[0])]
+    return turns
+
+
+# ----------------------------------------------------------------- detail
+def detail(ctx: SymbolicContext, rng: random.Random) -> str:
+    """A paragraph that covers every object and where it is, left to right."""
+    objs = sorted(ctx.objects, key=lambda o: (o.cx, o.cy))
+    if not objs:
+        return " ".join(ctx.captions[:2])
+    noun = "shape" if objs[0].colour else "object"
+    open_ = rng.choice(["The image shows {}.", "In this picture {}.", "This is a scene in which {}."])
+    parts = [cap(open_.format(there_are(len(objs), noun)))]
+    names = Counter(o.name for o in objs)
+    for i, o in enumerate(objs):
+        if names[o.name] == 1:
+            parts.append(cap(is_at(o)) + (f" and {o.size}" if o.colour else "") + ".")
+        else:
+            parts.append(cap(f"{article(o.name)} is {facts.region_phrase(o)}."))
+    u = unique(objs)
+    rels = [(a, b, facts.relation(a, b)) for a in u for b in u if a is not b]
+    rels = [r for r in rels if r[2]]
+    if rels:
+        a, b, rel = rng.choice(rels)
+        parts.append(rng.choice(["Looking at how they are arranged, ", "As for their layout, ", "Overall, "]) + is_rel(a, rel, b) + ".")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------- complex reasoning
+def _cx_more(objs, rng):
+    kinds = _counted(objs)
+    pool = sorted(set(kinds) | ({"circle", "square", "triangle"} if objs[0].colour else set()))
+    if len(pool) < 2:
+        return None
+    a, b = rng.sample(pool, 2)
+    na, nb = kinds.get(a, 0), kinds.get(b, 0)
+    q = f"Are there more {plural(a)} than {plural(b)} in the image?"
+    verdict = "yes" if na > nb else "no"
+    cmp = "more than" if na > nb else "the same as" if na == nb else "fewer than"
+    steps = (f"First I count the {plural(a)}: {there_are(na, a)}. Then the {plural(b)}: {there_are(nb, b)}. "
+             f"{cap(count_phrase(na, a))} is {cmp} {count_phrase(nb, b)}, so the answer is {verdict}.")
+    return q, steps
+
+
+def _cx_remove(objs, rng):
+    colours = Counter(o.colour for o in objs if o.colour)
+    if not colours:
+        kinds = _counted(objs)
+        kind = rng.choice(sorted(kinds))
+        n, k = len(objs), kinds[kind]
+        q = f"If every {kind} left the picture, how many objects would remain?"
+        return q, (f"Altogether {there_are(n, 'object')}. Of these, {there_are(k, kind)}. "
+                   f"Taking away {k} of {n} leaves {count_phrase(n - k, 'object')}.")
+    colour = rng.choice(sorted(colours))
+    n, k = len(objs), colours[colour]
+    q = f"If all the {colour} shapes were removed, how many shapes would be left?"
+    return q, (f"Altogether {there_are(n, 'shape')}. Of these, {there_are(k, colour + ' shape')}. "
+               f"Removing {k} of {n} leaves {count_phrase(n - k, 'shape')}.")
+
+
+def _cx_leftmost(objs, rng):
+    if len(objs) < 2:
+        return None
+    side = rng.choice(["left", "right"])
+    ordered = sorted(objs, key=lambda o: o.cx, reverse=(side == "right"))
+    first, second = ordered[0], ordered[1]
+    if abs(first.cx - second.cx) < 0.05 or first.name not in {o.name for o in unique(objs)}:
+        return None
+    q = f"Which object is furthest to the {side}, and what is it next to?"
+    steps = [f"Comparing the horizontal positions of all {len(objs)} objects, {the(first)} is furthest to the {side}; {is_at(first)}."]
+    near = [o for o in unique(objs) if o is not first and facts.next_to(first, o)]
+    if near:
+        steps.append(f"Checking the gaps between boxes, {the(first)} is next to {the(near[0])}.")
+    else:
+        steps.append(f"Checking the gaps between boxes, nothing is close to it, so it stands on its own.")
+    return q, " ".join(steps)
+
+
+def _cx_big_small(objs, rng):
+    u = unique(objs)
+    if len(u) < 2:
+        return None
+    big, small = max(u, key=lambda o: o.area), min(u, key=lambda o: o.area)
+    if big.area < 1.5 * small.area:
+        return None
+    rel = facts.relation(big, small)
+    if not rel:
+        return None
+    q = "Where is the largest object compared with the smallest one?"
+    return q, (f"First I find the largest object by the size of its box: it is {the(big)}. "
+               f"The smallest is {the(small)}. Comparing their positions, {is_rel(big, rel, small)}.")
+
+
+COMPLEX = (_cx_more, _cx_remove, _cx_leftmost, _cx_big_small)
+
+
+def complex_reasoning(ctx: SymbolicContext, rng: random.Random) -> tuple[str, str] | None:
+    if not ctx.objects:
+        return None
+    for make in rng.sample(COMPLEX, len(COMPLEX)):
+        qa = make(ctx.objects, rng)
+        if qa:
+            return qa
+    return None
+
+
+# ----------------------------------------------------------------- samples
+def _conversations(turns: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    """LLaVA's turn list, with ``<image>`` on the first or last line of the first human turn."""
+    out = []
+    for i, (q, a) in enumerate(turns):
+        if i == 0:
+            q = f"<image>\n{q}" if rng.random() < 0.5 else f"{q}\n<image>"
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def sample(ctx: SymbolicContext, kind: str, rng: random.Random) -> dict | None:
+    """One LLaVA-format sample of ``kind`` for ``ctx``, or ``None`` when the context cannot give one."""
+    extra: dict = {}
+    if kind == "caption":
+        turns = [(rng.choice(BRIEF_INSTRUCTIONS), rng.choice(ctx.captions))]
+    elif kind == "conversation":
+        turns = conversation(ctx, rng)
+    elif kind == "detail":
+        q = rng.choice(["Describe the image in detail.", "Give a detailed description of this picture.",
+                        "What is in this image? Describe every object and where it is.",
+                        "Explain the contents of the picture thoroughly."])
+        turns = [(q, detail(ctx, rng))]
+    elif kind == "complex":
+        qa = complex_reasoning(ctx, rng)
+        if not qa:
+            return None
+        turns = [qa]
+    elif kind == "exact":
+        qas = questions.exact_questions(ctx.objects, rng, rng.randint(2, 4))
+        if not qas:
+            return None
+        turns = [(qa.question, qa.answer) for qa in qas]
+        extra["qtypes"] = [qa.qtype for qa in qas]
+    else:
+        raise ValueError(f"unknown sample type {kind!r}; expected one of {TYPES}")
+    return {"id": f"{ctx.image_id}-{kind}", "image": ctx.file_name, "type": kind,
+            "conversations": _conversations(turns, rng), **extra}
+
+
+def _key(s: dict) -> str:
+    return hashlib.sha1(json.dumps(s["conversations"], sort_keys=True).encode()).hexdigest()
+
+
+def generate(contexts: Iterable[SymbolicContext], kinds: Iterable[str] = TYPES, seed: int = 0,
+             attempts: int = 8) -> tuple[list[dict], dict]:
+    """Samples of every kind for every context. No two samples are identical: a repeat is redrawn
+    (``attempts`` times) and otherwise left out and counted. Returns ``(samples, stats)``."""
+    kinds = list(kinds)
+    out: list[dict] = []
+    seen: set[str] = set()
+    stats: Counter = Counter()
+    for ctx in contexts:
+        for kind in kinds:
+            for attempt in range(attempts):
+                s = sample(ctx, kind, random.Random(f"{seed}:{ctx.image_id}:{kind}:{attempt}"))
+                if s is None:
+                    stats[f"{kind}: not applicable"] += 1
+                    break
+                if _key(s) not in seen:
+                    seen.add(_key(s))
+                    out.append(s)
+                    stats[kind] += 1
+                    break
+            else:
+                stats[f"{kind}: left out as a repeat"] += 1
+    if any("repeat" in k for k in stats):
+        log.info("samples left out as repeats: %s", {k: v for k, v in stats.items() if "repeat" in k})
+    return out, dict(stats)
