@@ -440,3 +440,139 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     if ckpt.exists():
         ckpt.unlink()
     return model, tokenizer, metrics
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokenizer, contexts: Sequence[SymbolicContext], qa_per_doc: int = 8,
+                       caption_share: float = 0.05, batch_size: int = 32, seed: int = 1234) -> float:
+    """``exp`` of the mean loss per supervised token (answers, captions and their ``<|end|>``) on
+    reading documents of held-out scenes."""
+    enc = ChatEncoder(tokenizer)
+    docs = reading_documents(contexts, random.Random(seed), qa_per_doc, caption_share)
+    pairs = sorted((enc.encode(d) for d in docs), key=lambda p: len(p[0]))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(pairs), batch_size):
+        ids, labels = collate(pairs[s: s + batch_size], tokenizer.pad_token_id)  # [B, T]
+        n = int((labels[:, 1:] != -100).sum())
+        total += lm_loss(model, ids, labels).item() * n
+        count += n
+    model.train(was_training)
+    return math.exp(total / max(1, count))
+
+
+# ------------------------------------------------------------------------------ report
+def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """The training lines and the eval lines of a ``log.jsonl``."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_overall" in r]
+
+
+def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> None:
+    """Answer loss (smoothed) and held-out accuracy per question type against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = read_log(log_path)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    loss = [r["loss"] for r in train]
+    sm = [sum(loss[max(0, i - smooth + 1): i + 1]) / len(loss[max(0, i - smooth + 1): i + 1]) for i in range(len(loss))]
+    a.plot(steps, loss, alpha=0.25, color="C0")
+    a.plot(steps, sm, color="C0")
+    a.set(xlabel="step", ylabel="loss on answer tokens", yscale="log", title="pretraining loss")
+    for t in ("overall",) + QTYPES:
+        key = f"eval_{t}"
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            b.plot(*zip(*pts), marker=".", label=t, lw=2.5 if t == "overall" else 1.2)
+    b.set(xlabel="step", ylabel="text-only accuracy", ylim=(0, 1.02), title="held-out accuracy (val scenes)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    with io.atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ command line
+def _world_contexts(world: Path, split: str) -> list[SymbolicContext]:
+    inst, caps = world / "annotations" / f"instances_{split}.json", world / "annotations" / f"captions_{split}.json"
+    if not inst.exists():
+        raise FileNotFoundError(f"{inst}: no {split} split; run `llava-lite world` first or drop --world")
+    return load_contexts(inst, caps)
+
+
+def train_and_report(out: str | Path, cfg: LMConfig, world: str | Path | None = None, preset: str = "tiny",
+                     eval_split: str = "test", progress: bool = True) -> dict:
+    """The whole recipe behind the shipped LM: the world's ``pretrain`` split (generated if
+    missing), tokenizer, pretraining, then text-only accuracy and perplexity on ``eval_split``,
+    written to ``out/metrics.json`` with a training plot."""
+    from .config import get_preset
+    from .paths import Layout
+    from .world import generate
+
+    out = Path(out)
+    world = Path(world) if world else Layout.for_preset(preset).world
+    if not (world / "annotations" / "instances_pretrain.json").exists():
+        log.info("no world in %s: generating the %s preset's world", world, preset)
+        generate(get_preset(preset).world, world, progress=progress)
+    pretrain, val = _world_contexts(world, "pretrain"), _world_contexts(world, "val")
+    heldout = _world_contexts(world, eval_split)
+    model, tokenizer, metrics = pretrain_lm(pretrain, val, out, cfg, progress=progress)
+    acc = text_only_accuracy(model, tokenizer, heldout, progress=progress)
+    metrics.update({"eval_split": eval_split, "text_only": acc,
+                    "perplexity": heldout_perplexity(model, tokenizer, heldout)})
+    io.write_json(out / "metrics.json", metrics, indent=2)
+    plot_training(out / "log.jsonl", out / "training.png")
+    log.info("text-only accuracy on %d %s scenes: %.3f overall; %s; perplexity %.3f", len(heldout), eval_split,
+             acc["overall"], ", ".join(f"{k} {v:.3f}" for k, v in acc["accuracy"].items()), metrics["perplexity"])
+    return metrics
+
+
+def _register_lm(sub) -> None:
+    p = sub.add_parser("lm", help="train the BPE tokenizer and pretrain the tiny Llama to read contexts")
+    p.add_argument("--out", required=True, help="folder for the model, tokenizer, log and metrics")
+    p.add_argument("--world", help="world folder with a pretrain split (default: outputs/<preset>/world)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--eval-split", default="test")
+    defaults = LMConfig()
+    for f in asdict(defaults):
+        v = getattr(defaults, f)
+        flag = "--" + f.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v, metavar="BOOL")
+        else:
+            p.add_argument(flag, type=type(v), default=v)
+
+    def run(args):
+        cfg = LMConfig(**{f: getattr(args, f) for f in asdict(defaults)})
+        train_and_report(args.out, cfg, args.world, args.preset, args.eval_split)
+
+    p.set_defaults(func=run)
+
+
+# sub-commands of `llava-lite backbones`; llava_lite.clip_pretrain adds `clip` through
+# register_cli_clip (found below) or by appending its registrar here
+SUBCOMMANDS: list[Callable] = [_register_lm]
+
+
+def register_cli(sub) -> None:
+    import importlib
+
+    p = sub.add_parser("backbones", help="pretrain the tiny backbones (lm: tokenizer + Llama; clip: tiny CLIP)")
+    inner = p.add_subparsers(dest="backbone", required=True, metavar="BACKBONE")
+    registrars = list(SUBCOMMANDS)
+    try:
+        clip = importlib.import_module("llava_lite.clip_pretrain")
+    except ModuleNotFoundError as e:
+        if e.name != "llava_lite.clip_pretrain":
+            raise
+    else:
+        extra = getattr(clip, "register_cli_clip", None)
+        if extra is not None and extra not in registrars:
+            registrars.append(extra)
+    for register in registrars:
+        register(inner)

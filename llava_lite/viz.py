@@ -63,3 +63,43 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def sample_markdown(sample: dict) -> str:
+    """One LLaVA sample as a readable dialogue (``<image>`` shown as a picture marker)."""
+    lines = [f"**{sample.get('type', 'sample')}** · `{sample['id']}`", ""]
+    for turn in sample["conversations"]:
+        who = "🧑 human" if turn["from"] == "human" else "🤖 assistant"
+        text = turn["value"].replace("<image>", "🖼️`<image>`").replace("\n", " ")
+        lines.append(f"- **{who}:** {text}")
+    return "\n".join(lines)
+
+
+def instruction_stats(samples: Sequence[dict]):
+    """Four panels: samples per type, turns per conversation, answer lengths, question words."""
+    import collections
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
+    types = collections.Counter(s.get("type", "?") for s in samples)
+    ax[0].bar(list(types), list(types.values()))
+    ax[0].set(title="samples per type")
+    ax[0].tick_params(axis="x", rotation=45)
+    turns = [len(s["conversations"]) // 2 for s in samples if s.get("type") == "conversation"]
+    ax[1].hist(turns, bins=range(1, max(turns or [1]) + 2), align="left", rwidth=0.8)
+    ax[1].set(title="turns per conversation", xlabel="question/answer pairs")
+    for kind in types:
+        lengths = [len(t["value"].split()) for s in samples if s.get("type") == kind
+                   for t in s["conversations"] if t["from"] == "gpt"]
+        ax[2].hist(lengths, bins=30, alpha=0.5, label=kind)
+    ax[2].set(title="answer length", xlabel="words", yscale="log")
+    ax[2].legend(fontsize=7)
+    first = collections.Counter(
+        t["value"].replace("<image>", "").split()[0].lower() for s in samples for t in s["conversations"]
+        if t["from"] == "human" and t["value"].replace("<image>", "").split())
+    top = first.most_common(12)
+    ax[3].barh([w for w, _ in top][::-1], [n for _, n in top][::-1])
+    ax[3].set(title="first word of questions")
+    fig.tight_layout()
+    return fig

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 import httpx
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO; one line per request drowns the progress bar
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # a Retry-After longer than this is cut to it (a misconfigured server should not park us for hours)
 MAX_RETRY_AFTER_S = 600.0

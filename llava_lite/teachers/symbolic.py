@@ -289,7 +289,19 @@ def _cx_big_small(objs, rng):
                f"The smallest is {the(small)}. Comparing their positions, {is_rel(big, rel, small)}.")
 
 
-COMPLEX = (_cx_more, _cx_remove, _cx_leftmost, _cx_big_small)
+def _cx_half(objs, rng):
+    axis, side = rng.choice([("x", "left"), ("x", "right"), ("y", "top"), ("y", "bottom")])
+    noun = "shape" if objs[0].colour else "object"
+    centre = (lambda o: o.cx) if axis == "x" else (lambda o: o.cy)
+    inside = [o for o in objs if (centre(o) < 0.5) == (side in ("left", "top"))]
+    q = f"How many {plural(noun)} have their centre in the {side} half of the image, and which are they?"
+    steps = f"I look at the centre of each of the {len(objs)} boxes and keep those in the {side} half. "
+    if not inside:
+        return q, steps + f"None of them is there, so the answer is zero."
+    return q, steps + f"That leaves {listing(inside)}, so {count_phrase(len(inside), noun)} in all."
+
+
+COMPLEX = (_cx_more, _cx_remove, _cx_leftmost, _cx_big_small, _cx_half)
 
 
 def complex_reasoning(ctx: SymbolicContext, rng: random.Random) -> tuple[str, str] | None:

@@ -1,0 +1,60 @@
+"""Append-only JSON Lines files that survive being stopped at any moment.
+
+A long job appends one record a line and flushes it, so a stop loses at most the line being
+written. :func:`open_for_append` repairs that torn last line (drops it, with a warning) before
+appending, so the next record never fuses with it; :func:`read_jsonl` reads what is there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = True) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each line; a bad line raises, naming the file and line, unless it
+    is a torn last line (no newline at the end) and ``skip_torn_tail`` is set."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # a file that ends with "\n" splits into [..., ""]; anything else in the last slot is torn
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and skip_torn_tail:
+                log.warning("%s: line %d is cut off (the run was stopped while writing it); ignoring it", path, i)
+                return
+            raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+def open_for_append(path: str | os.PathLike) -> IO[str]:
+    """Open for appending after making sure the file ends at a complete line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                start = data.rfind(b"\n") + 1
+                try:
+                    json.loads(data[start:])
+                    f.write(b"\n")  # a complete record that only lacks its newline
+                except ValueError:
+                    log.warning("%s: dropping a cut-off last line (%d bytes)", path, len(data) - start)
+                    f.truncate(start)
+    return open(path, "a", encoding="utf-8")
+
+
+def append(f: IO[str], record: dict) -> None:
+    """Write one record as one line and push it to the operating system."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
