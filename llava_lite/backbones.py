@@ -414,6 +414,8 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
             rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": round(opt.param_groups[0]["lr"], 7),
                    "tokens": ids.numel(), "seconds": round(time.perf_counter() - t0, 2)}
             logf.write(json.dumps(rec) + "\n")
+            if done_flush := (step + 1) % 10 == 0:
+                logf.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             done = step + 1
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and val:

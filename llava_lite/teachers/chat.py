@@ -114,10 +114,14 @@ class _Job:
         attempts = []
         for _ in range(1 + self.teacher.chat_format_retries):
             try:
-                reply = self.endpoint.complete(messages).content
+                completion = self.endpoint.complete(messages)
             except RejectedRequest as e:
                 return "failure", self._failure(ctx, rtype, "rejected", str(e), attempts)
+            reply = completion.content
             try:
+                if completion.finish_reason == "length":
+                    raise MalformedReply("the reply was cut off at max_tokens (finish_reason 'length'); "
+                                         "raise chat_max_tokens if this happens often")
                 parsed = parse_reply(rtype, reply)
             except MalformedReply as e:
                 with self._lock:

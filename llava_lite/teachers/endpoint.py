@@ -59,6 +59,7 @@ class RejectedRequest(EndpointError):
 class Completion:
     content: str
     usage: dict | None  # the server's ``usage`` object, when it sends one
+    finish_reason: str | None = None  # "stop", or "length" when max_tokens cut the reply off
 
 
 @dataclass
@@ -189,7 +190,8 @@ class ChatEndpoint:
     def _completion(self, response: httpx.Response) -> Completion | None:
         try:
             doc = response.json()
-            content = doc["choices"][0]["message"]["content"]
+            choice = doc["choices"][0]
+            content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             return None
         if not isinstance(content, str):
@@ -201,4 +203,4 @@ class ChatEndpoint:
             self.counts.add(completions=1, prompt_tokens=prompt, completion_tokens=completion)
         else:
             self.counts.add(completions=1, without_usage=1)
-        return Completion(content, usage)
+        return Completion(content, usage, choice.get("finish_reason"))

@@ -20,6 +20,8 @@ import re
 IMAGE_TOKEN = "<image>"
 _SEPARATOR = re.compile(r"^[ \t]*===[ \t]*$", re.MULTILINE)
 _LABEL = re.compile(r"(question|answer)[ \t]*:[ \t]*", re.IGNORECASE)
+# control characters (other than tab and line breaks) and U+FFFD, the mark of undecodable bytes
+_GARBLED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
 
 class MalformedReply(ValueError):
@@ -56,6 +58,9 @@ def parse_reply(rtype: str, text: str) -> list[tuple[str, str]] | str:
     """Pairs for ``conversation`` (at least one) and ``complex`` (exactly one), text for ``detail``."""
     if not isinstance(text, str) or not text.strip():
         raise MalformedReply("empty reply")
+    garbled = _GARBLED.search(text)
+    if garbled:
+        raise MalformedReply(f"reply is not clean text: it contains {garbled.group()!r}")
     if IMAGE_TOKEN in text:
         raise MalformedReply(f"reply contains the image token {IMAGE_TOKEN}")
     if rtype == "detail":

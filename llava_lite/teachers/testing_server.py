@@ -11,6 +11,8 @@ Faults:
     429        rate limited, with ``Retry-After``
     slow       a correct reply, but only after ``slow_s`` seconds (past the client's timeout)
     drop       the connection is closed without any reply
+    cut        a correct reply cut in half, with ``finish_reason: "length"`` (max_tokens ran out)
+    400        the request is refused as bad (as a server refuses a context that is too long)
 
 The response type is read off the few-shot examples, the way a real model would follow them:
 assistant examples with several questions mean a conversation, one question complex
@@ -28,7 +30,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("ok", "malformed", "500", "429", "slow", "drop")
+FAULTS = ("ok", "malformed", "500", "429", "slow", "drop", "cut", "400")
 # what "malformed" sends: chatter where blocks were asked for, blocks where plain text was
 MALFORMED_REPLY = "Sure! It is a lovely picture and I am happy to talk about it."
 MALFORMED_DETAIL = "Question:\nWhat is this?\n===\nAnswer:\nA picture.\n==="
@@ -70,9 +72,10 @@ class FaultyChatServer:
     """``with FaultyChatServer(plan) as server: ... server.base_url ...`` (127.0.0.1, a free port)."""
 
     def __init__(self, plan: Plan | None = None, api_key: str | None = None, slow_s: float = 1.0,
-                 retry_after_s: int = 1, port: int = 0):
+                 retry_after_s: int = 1, latency_s: float = 0.0, port: int = 0):
         self.plan: Plan = plan or (lambda key, n: "ok")
         self.api_key, self.slow_s, self.retry_after_s = api_key, slow_s, retry_after_s
+        self.latency_s = latency_s  # added to every reply, to make a run last long enough to stop
         self.log: list[dict] = []  # one entry a request: key, n, fault, usage
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -152,6 +155,10 @@ class FaultyChatServer:
                 if fault == "drop":
                     self.close_connection = True
                     return
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if fault == "400":
+                    return self._send(400, {"error": {"message": "injected: this request is too long"}})
                 if fault == "500":
                     return self._send(500, {"error": {"message": "injected internal error"}})
                 if fault == "429":
@@ -163,13 +170,15 @@ class FaultyChatServer:
                     content = MALFORMED_DETAIL if rtype == "detail" else MALFORMED_REPLY
                 else:
                     content = reply_for(rtype, context)
+                if fault == "cut":
+                    content = content[: len(content) // 2]
                 usage = {"prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
                          "completion_tokens": len(content.split())}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server._lock:
                     server.log[index]["usage"] = usage
                 self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "model": req.get("model"),
-                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                 "choices": [{"index": 0, "finish_reason": "length" if fault == "cut" else "stop",
                                               "message": {"role": "assistant", "content": content}}],
                                  "usage": usage})
 

@@ -1,0 +1,277 @@
+"""One training loop for both stages, on ``accelerate``.
+
+What is trained is decided by the stage: stage 1 the projector alone (from the feature cache,
+no vision forward), stage 2 projector + language model (vision frozen). AdamW, cosine schedule
+with warmup, gradient clipping and accumulation, mixed precision where the device has it, a tqdm
+bar with loss and samples/s, metrics as JSONL, checkpoints that resume exactly.
+
+The loss of an optimizer step is the mean over *every* learned token of the global batch (all
+micro-batches, all processes): each process sums its tokens' losses and divides by the global
+count, which it can compute locally from the batch plan. So 2 processes and 1 process with the
+same global batch take the same step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import io
+from .conversation import IGNORE
+from .data import Collator, Example, padding_share, plan_batches
+from .model import LlavaLite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    lr: float = 1e-3  # projector learning rate
+    lm_lr: float | None = None  # language model learning rate (stage 2); None = lr
+    batch_size: int = 32  # global batch: samples per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = as many as ``epochs`` gives
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    group_by_length: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or infinite loss; the message names the step and the batch's sample ids."""
+
+
+# ------------------------------------------------------------------ what trains
+def set_trainable(model: LlavaLite, stage: int) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    """Freeze by stage; returns the named parameter groups that train (``projector``, ``lm``)."""
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    groups = [("projector", list(model.projector.parameters()))]
+    if stage == 2:
+        lm_params = [p for n, p in model.lm.named_parameters() if "lora_" in n] if _is_peft(model.lm) else list(model.lm.parameters())
+        for p in lm_params:
+            p.requires_grad_(True)
+        groups.append(("lm", lm_params))
+    elif stage != 1:
+        raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+    return groups
+
+
+def _is_peft(lm) -> bool:
+    return hasattr(lm, "peft_config")
+
+
+def trainable_state(model: LlavaLite) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp16 on a GPU, else fp32 (CPU)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+# ------------------------------------------------------------------ checkpoints
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(out_dir: Path, step: int, model: LlavaLite, optimizer, cfg: TrainConfig, keep: int) -> Path:
+    """``out_dir/checkpoint-<step>/``: trained weights (safetensors), model config, optimizer,
+    schedule position and RNG state; written to a temporary folder, then renamed."""
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    model.config.save(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "train_config": asdict(cfg)},
+               tmp / "train_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    io.write_json(out_dir / "latest.json", {"step": step, "path": final.name})
+    for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / "latest.json"
+    if not pointer.exists():
+        return None
+    return Path(out_dir) / io.read_json(pointer)["path"]
+
+
+def load_trained(model: LlavaLite, ckpt: Path) -> None:
+    """Put a checkpoint's trained weights into ``model`` (missing or unexpected names are errors)."""
+    state = load_file(str(Path(ckpt) / "trainable.safetensors"))
+    own = dict(model.named_parameters())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ValueError(f"{ckpt}: weights {unknown[:5]} do not exist in this model")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{ckpt}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+# ------------------------------------------------------------------ the loop
+def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                image_features=batch.get("image_features"), pixel_values=batch.get("pixel_values"),
+                sample_ids=batch["sample_ids"])
+    logits = out.logits[:, :-1].float()  # [B, T-1, V]
+    target = batch["labels"][:, 1:]  # [B, T-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg: TrainConfig, out_dir: str | Path,
+          resume: bool = False, accelerator=None, progress: bool = True) -> dict:
+    """Train ``model`` on ``examples``; returns a summary (steps, last loss, seconds, padding share)."""
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    if accelerator is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        precision = pick_precision(cfg.precision, torch.device(device_type))
+        accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}")
+
+    groups = set_trainable(model, cfg.stage)
+    lrs = {"projector": cfg.lr, "lm": cfg.lm_lr or cfg.lr}
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    lengths = [len(e.enc) for e in examples]
+    label_counts = [sum(l != IGNORE for l in e.enc.labels[1:]) for e in examples]
+    per_epoch = len(plan_batches(lengths, cfg.batch_size, 0, cfg.seed))
+    if per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
+    total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+    warmup = max(1, int(cfg.warmup_ratio * total))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    start = 0
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        load_trained(model, ckpt)
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resuming from %s (step %d of %d)", ckpt, start, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    device = accelerator.device
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
+    plans: dict[int, list[list[int]]] = {}
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=not progress or rank != 0)
+    t0, seen, last = time.perf_counter(), 0, {}
+    pad_batches: list[list[int]] = []
+    model.train()
+    for step in bar:
+        epoch, k = divmod(step, per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_batches(lengths, cfg.batch_size, epoch, cfg.seed, cfg.group_by_length)}
+        global_batch = plans[epoch][k]
+        pad_batches.append(global_batch)
+        n_tokens = sum(label_counts[i] for i in global_batch)
+        for g, lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr * cosine_with_warmup(step, total, warmup)
+        micro = [global_batch[m::cfg.grad_accum] for m in range(cfg.grad_accum)]
+        step_loss = torch.zeros((), device=device)
+        for m, idx in enumerate(micro):
+            mine = idx[rank::world]  # this process's share of the micro-batch
+            batch = collator([examples[i] for i in mine])
+            batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
+            ctx = accelerator.no_sync(model) if m < len(micro) - 1 else _null()
+            with ctx, accelerator.autocast():
+                loss_sum, _ = _token_loss_sum(model, batch)
+                loss = loss_sum * world / max(1, n_tokens)  # DDP averages over processes
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"step {step}: loss is {loss.item()} on samples {batch['sample_ids']}; the last good checkpoint "
+                    f"is {latest_checkpoint(out_dir)} (lower the learning rate or check these samples)")
+            accelerator.backward(loss)
+            step_loss += loss_sum.detach()
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = accelerator.reduce(step_loss, reduction="sum") / max(1, n_tokens)
+        seen += len(global_batch)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total or done == start + 1:
+            dt = time.perf_counter() - t0
+            last = {"step": done, "loss": round(step_loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": round(seen / dt, 2), "seconds": round(dt, 2)}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+        if accelerator.is_main_process and ((cfg.save_every and done % cfg.save_every == 0) or done == total):
+            save_checkpoint(out_dir, done, raw, optimizer, cfg, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+    summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2),
+               "last": last, "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
+               "trainable_parameters": raw.trainable_parameters(), "processes": world}
+    if accelerator.is_main_process:
+        io.write_json(out_dir / "summary.json", summary, indent=2)
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
