@@ -86,8 +86,9 @@ def test_show_masked_marks_what_carries_no_loss(tok, samples):
     q = s["conversations"][0]["value"].replace("<image>", "").strip()
     a = s["conversations"][1]["value"]
     masked = "".join(part.split("]]")[0] for part in text.split("[[")[1:])
-    learned = "".join(part.split("]]")[-1] for part in text.split("[["))
-    assert a in learned and a not in masked.replace(q, "")
+    learned = [part.split("]]")[1].strip() for part in text.split("[[")[1:]]
+    replies = [t["value"] for t in s["conversations"] if t["from"] == "gpt"]
+    assert learned == [f"{r}<|end|>" for r in replies]
     assert q.split()[1] in masked and "<image>" in masked
 
 
