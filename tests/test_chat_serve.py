@@ -114,6 +114,8 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
         assert rec["reason"] == "malformed" and len(rec["attempts"]) == attempts
         assert all(isinstance(a["raw"], str) and "cut off at max_tokens" in a["error"] for a in rec["attempts"])
     assert stats.requests == stats.completions == units * attempts and stats.retried == {}
+    # the server's own access log agrees
+    assert server_log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200') == stats.requests
     assert stats.malformed_replies == units * attempts and stats.without_usage == 0
     assert stats.completion_tokens == units * attempts * MAX_TOKENS
     # the server counts the prompt as the chat template renders it

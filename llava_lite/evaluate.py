@@ -1,0 +1,170 @@
+"""The exact-answer score: did stage 2 work?
+
+Each ``exact`` sample of the ``test`` split holds questions with one checkable answer (count,
+colour, shape, position, exist, size). Every question is asked on its own (image + question, one
+turn), answered by batched greedy generation with a KV cache, and compared with the truth after
+normalising (``'Three.'`` -> ``three``). Accuracy per question type sits beside
+
+- the most-common-answer baseline (always say the test set's most frequent answer of the type),
+- a *blind* model trained the same way without image tokens (what the text alone gives away),
+- the tiny LM reading the symbolic context as text (the paper's text-only GPT-4 row).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import io
+from .conversation import IMAGE_TOKEN, Template, expand_image
+from .teachers.questions import QTYPES, is_correct, normalise_answer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    sample_id: str
+    image: str | None
+    qtype: str
+    question: str
+    answer: str
+
+
+def exact_items(samples: Sequence[dict]) -> list[Item]:
+    """One item per question of every ``exact`` sample (the question without ``<image>``)."""
+    items = []
+    for s in samples:
+        if s.get("type") != "exact":
+            continue
+        turns = s["conversations"]
+        for k, qtype in enumerate(s["qtypes"]):
+            q = turns[2 * k]["value"].replace(IMAGE_TOKEN, "").strip()
+            items.append(Item(f"{s['id']}/{k}", s.get("image"), qtype, q, turns[2 * k + 1]["value"]))
+    return items
+
+
+def blind_samples(samples: Sequence[dict]) -> list[dict]:
+    """The same samples without their images: what a model learns from the text alone."""
+    out = []
+    for s in samples:
+        conv = [dict(t, value=t["value"].replace(IMAGE_TOKEN, "").strip()) for t in s["conversations"]]
+        out.append({k: v for k, v in s.items() if k != "image"} | {"conversations": conv})
+    return out
+
+
+def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list[int]], pad_id: int, stop_id: int,
+                   decode: Callable[[list[int]], str], batch_size: int = 64, max_new_tokens: int = 4,
+                   extras: Callable[[list[int]], dict] | None = None, returns_prompt: bool = False,
+                   progress: bool = False) -> list[str]:
+    """Replies to ``prompts`` (token id lists), batched by length and left-padded.
+
+    ``generate(input_ids=, attention_mask=, max_new_tokens=, **extras(batch_indices))`` is a
+    model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt.
+    """
+    replies: dict[int, str] = {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        idx = order[s:s + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # [B, T], left padded
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, T - len(prompts[i]):] = 1
+        out = generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                       eos_token_id=stop_id, pad_token_id=pad_id, **(extras(idx) if extras else {}))
+        out = out[:, T:] if returns_prompt else out  # [B, new]
+        for b, i in enumerate(idx):
+            new = out[b].tolist()
+            replies[i] = decode(new[: new.index(stop_id)] if stop_id in new else new)
+    return [replies[i] for i in range(len(prompts))]
+
+
+def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], features: Callable[[str], torch.Tensor] | None,
+              batch_size: int = 64, blind: bool = False, progress: bool = False) -> list[str]:
+    """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them)."""
+    prompts = []
+    for it in items:
+        value = it.question if blind else f"{IMAGE_TOKEN}\n{it.question}"
+        enc_ids = template.prompt([{"from": "human", "value": value}], it.sample_id)
+        if not blind:
+            from .conversation import Encoded
+            pos = [i for i, t in enumerate(enc_ids) if t == model.image_token_id]
+            enc_ids = expand_image(Encoded(enc_ids, enc_ids, it.sample_id, pos), model.config.num_image_tokens).input_ids
+        prompts.append(enc_ids)
+
+    def extras(idx):
+        if blind:
+            return {}
+        return {"image_features": torch.stack([features(items[i].image) for i in idx])}
+
+    stop = _stop_id(tokenizer)
+    was = model.training
+    model.eval()
+    try:
+        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
+                              lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
+                              extras=extras, returns_prompt=False, progress=progress)
+    finally:
+        model.train(was)
+
+
+def _stop_id(tokenizer) -> int:
+    """The token that ends an assistant turn: ``<|end|>`` / ``<|im_end|>`` when present, else EOS."""
+    vocab = tokenizer.get_vocab()
+    for t in ("<|end|>", "<|im_end|>", "<|eot_id|>"):
+        if t in vocab:
+            return vocab[t]
+    return tokenizer.eos_token_id
+
+
+def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
+    return [asdict(it) | {"reply": r, "normalised": normalise_answer(r), "correct": is_correct(r, it.answer)}
+            for it, r in zip(items, replies)]
+
+
+def score(recs: Sequence[dict]) -> dict:
+    """Overall and per-type accuracy of per-question records."""
+    per = defaultdict(list)
+    for r in recs:
+        per[r["qtype"]].append(r["correct"])
+    out = {"overall": sum(r["correct"] for r in recs) / max(1, len(recs)), "questions": len(recs), "accuracy": {}, "count": {}}
+    for t in QTYPES:
+        if per[t]:
+            out["accuracy"][t] = sum(per[t]) / len(per[t])
+            out["count"][t] = len(per[t])
+    return out
+
+
+def most_common_answer(items: Sequence[Item]) -> dict:
+    """The baseline that always gives each type's most frequent answer (on these very items)."""
+    answers = defaultdict(Counter)
+    for it in items:
+        answers[it.qtype][it.answer] += 1
+    recs = [{"qtype": it.qtype, "correct": it.answer == answers[it.qtype].most_common(1)[0][0]} for it in items]
+    result = score(recs)
+    result["answers"] = {t: c.most_common(1)[0][0] for t, c in answers.items()}
+    return result
+
+
+def save(path: str | Path, recs: Sequence[dict], summary: dict) -> None:
+    io.write_json(path, {"summary": summary, "records": list(recs)}, indent=1)
+
+
+def table_rows(results: dict[str, dict]) -> list[dict]:
+    """``{row name: score()}`` -> rows for :func:`llava_lite.viz.table` (one column per type)."""
+    rows = []
+    for name, res in results.items():
+        row = {"model": name}
+        for t in QTYPES:
+            if t in res["accuracy"]:
+                row[t] = round(res["accuracy"][t], 3)
+        row["all"] = round(res["overall"], 3)
+        rows.append(row)
+    return rows
