@@ -131,11 +131,25 @@ def scene_questions(ctx: SymbolicContext, rng: random.Random, n: int) -> list[Ex
     return out
 
 
+def box_question(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
+    """``Where is the red circle?`` -> its box as the context writes it (a grounding question,
+    only for a name the scene holds once). It makes the model find a line by its name and read
+    its digits, which position and size questions need."""
+    names = Counter(o.name for o in ctx.objects)
+    cands = [o for o in ctx.objects if names[o.name] == 1]
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    return ExactQA("box", f"Where is the {o.name}?", "[" + ", ".join(f"{v:.3f}" for v in o.box) + "]")
+
+
 def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, qa_per_doc: int = 8,
-                      caption_share: float = 0.05) -> list[list[dict]]:
+                      caption_share: float = 0.05, box_share: float = 0.0) -> list[list[dict]]:
     """One chat document per context: the object lines, then ``qa_per_doc`` questions and their
     answers (the first question shares the first user turn with the context). A
-    ``caption_share`` of documents instead asks for a caption and gets one of the scene's."""
+    ``caption_share`` of documents instead asks for a caption and gets one of the scene's; in a
+    ``box_share`` of documents one question is replaced by a grounding question
+    (:func:`box_question`)."""
     docs = []
     for ctx in contexts:
         lines = object_lines(ctx)
@@ -144,6 +158,11 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
                          {"role": "assistant", "content": rng.choice(ctx.captions)}])
             continue
         qas = scene_questions(ctx, rng, qa_per_doc)
+        if box_share and rng.random() < box_share:
+            box = box_question(ctx, rng)
+            if box:
+                qas = qas[: qa_per_doc - 1]
+                qas.insert(rng.randrange(len(qas) + 1), box)
         if not qas:
             continue
         doc = []
@@ -222,6 +241,9 @@ class LMConfig:
     grad_clip: float = 1.0
     qa_per_doc: int = 8
     caption_share: float = 0.05
+    box_share: float = 0.0  # documents with one grounding question ("Where is the red circle?")
+    curriculum_steps: int = 0  # for this many steps only scenes of <= curriculum_objects objects
+    curriculum_objects: int = 2
     bf16: bool = True
     seed: int = 0
     threads: int = 2
@@ -332,17 +354,19 @@ class DocStream:
     def __init__(self, contexts, encoder: ChatEncoder, cfg: LMConfig, pad_id: int):
         self.contexts, self.enc, self.cfg, self.pad_id = contexts, encoder, cfg, pad_id
         self._group, self._cached = None, None
+        self.small = [c for c in contexts if len(c.objects) <= cfg.curriculum_objects] or list(contexts)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g, k = divmod(step, self.cfg.length_group)
         if self._group != g:
             rng = random.Random(f"{self.cfg.seed}:docs:{g}")
             n = self.cfg.batch_size * self.cfg.length_group
-            scenes = [self.contexts[rng.randrange(len(self.contexts))] for _ in range(n)]
-            docs = reading_documents(scenes, rng, self.cfg.qa_per_doc, self.cfg.caption_share)
+            pool = self.small if step < self.cfg.curriculum_steps else self.contexts
+            scenes = [pool[rng.randrange(len(pool))] for _ in range(n)]
+            args = (self.cfg.qa_per_doc, self.cfg.caption_share, self.cfg.box_share)
+            docs = reading_documents(scenes, rng, *args)
             while len(docs) < n:  # a scene without questions is rare; top up
-                docs += reading_documents([self.contexts[rng.randrange(len(self.contexts))]], rng,
-                                          self.cfg.qa_per_doc, self.cfg.caption_share)
+                docs += reading_documents([pool[rng.randrange(len(pool))]], rng, *args)
             pairs = sorted((self.enc.encode(d) for d in docs[:n]), key=lambda p: len(p[0]))
             self._group, self._cached = g, pairs
         B = self.cfg.batch_size
@@ -393,8 +417,9 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
         log.info("resuming from %s at step %d", ckpt, start)
     stream = DocStream(pretrain, ChatEncoder(tokenizer), cfg, tokenizer.pad_token_id)
     log_path = out / "log.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
+    if log_path.exists():  # keep what the checkpoint covers (nothing on a fresh start)
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        io.write_text(log_path, "".join(line + "\n" for line in kept))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny LM: %.2fM parameters, %d steps of %d documents", n_params / 1e6, cfg.steps, cfg.batch_size)
     model.train()
@@ -414,10 +439,15 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
             rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": round(opt.param_groups[0]["lr"], 7),
                    "tokens": ids.numel(), "seconds": round(time.perf_counter() - t0, 2)}
             logf.write(json.dumps(rec) + "\n")
-            if done_flush := (step + 1) % 10 == 0:
+            if (step + 1) % 10 == 0:
                 logf.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                logf.flush()
+                with io.atomic_path(ckpt) as tmp:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                                "elapsed": time.perf_counter() - t0, "config": asdict(cfg)}, tmp)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and val:
                 m = text_only_accuracy(model, tokenizer, val[: cfg.eval_scenes])
                 model.train()
@@ -428,11 +458,6 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
                 log.info("step %d: %s", done, ev)
                 if on_eval:
                     on_eval(done, m)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                logf.flush()
-                with io.atomic_path(ckpt) as tmp:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                                "elapsed": time.perf_counter() - t0, "config": asdict(cfg)}, tmp)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

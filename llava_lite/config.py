@@ -43,10 +43,21 @@ class TeacherConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The frozen vision tower: an open_clip model (name + pretrained tag, or a folder) and its layer."""
+
+    encoder: str = "tiny-clip"  # open_clip name (ViT-L-14), a folder, or a short name of data/pretrained/
+    pretrained: str | None = None  # open_clip pretrained tag for a named model (e.g. "openai")
+    layer: int = -2  # transformer block whose output is used: -2 penultimate (LLaVA), -1 last
+    keep_cls: bool = False
+
+
+@dataclass
 class Preset:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def replace(self, **changes) -> "Preset":
         return dataclasses.replace(self, **changes)
@@ -60,6 +71,7 @@ def _colab() -> Preset:
     return Preset(
         name="colab",
         world=WorldConfig(image_size=224, splits={"train": 5000, "val": 200, "test": 200}),
+        vision=VisionConfig(encoder="ViT-B-16", pretrained="openai"),
     )
 
 
@@ -67,6 +79,7 @@ def _full() -> Preset:
     return Preset(
         name="full",
         world=WorldConfig(image_size=336, splits={"train": 100000, "val": 1000, "test": 1000}),
+        vision=VisionConfig(encoder="ViT-L-14-336", pretrained="openai"),
     )
 
 

@@ -143,3 +143,24 @@ class LlavaLite(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ LoRA
+def apply_lora(model: LlavaLite, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear") -> LlavaLite:
+    """Wrap the language model's linear layers with LoRA adapters (peft). The projector stays a
+    full module that trains and is saved with the adapters, so a checkpoint never loses it."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                     task_type="CAUSAL_LM")
+    model.lm = get_peft_model(model.lm, cfg)
+    return model
+
+
+def merge_lora(model: LlavaLite) -> LlavaLite:
+    """Fold the adapters into the base weights: one call, an ordinary model afterwards."""
+    if not hasattr(model.lm, "merge_and_unload"):
+        raise ValueError("this model has no LoRA adapters to merge")
+    model.lm = model.lm.merge_and_unload()
+    return model

@@ -50,6 +50,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     group_by_length: bool = False
+    gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -179,6 +180,13 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         raise ValueError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}")
 
     groups = set_trainable(model, cfg.stage)
+    if cfg.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from . import memory
+
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    est = memory.check(model, cfg.batch_size // (world * cfg.grad_accum), max(len(e.enc) for e in examples), precision,
+                       cfg.gradient_checkpointing, accelerator.device)
     lrs = {"projector": cfg.lr, "lm": cfg.lm_lr or cfg.lr}
     optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
@@ -258,7 +266,8 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         accelerator.wait_for_everyone()
     summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2),
                "last": last, "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
-               "trainable_parameters": raw.trainable_parameters(), "processes": world}
+               "trainable_parameters": raw.trainable_parameters(), "processes": world, "precision": precision,
+               "memory_estimate_gib": round(est.total / 2**30, 3)}
     if accelerator.is_main_process:
         io.write_json(out_dir / "summary.json", summary, indent=2)
     return summary

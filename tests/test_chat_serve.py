@@ -75,7 +75,8 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
     server_log = tmp_path / "serve.log"
     with open(server_log, "wb") as logf:
         proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu", "--log-level", "info"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+                                 "--device", "cpu", "--log-level", "info"],
+                                stdout=logf, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -33,13 +33,14 @@ def make_contexts(n: int, start: int = 1) -> list[SymbolicContext]:
     out = []
     for i in range(start, start + n):
         objs = [Obj(names[(i + k) % len(names)], (0.1 * k, 0.1, 0.1 * k + 0.2, 0.4)) for k in range(1 + i % 4)]
-        out.append(SymbolicContext(i, f"{i:012d}.png", 64, 64, [f"scene {i} has things.", f"another view of scene {i}."], objs))
+        captions = [f"scene {i} has things.", f"another view of scene {i}."]
+        out.append(SymbolicContext(i, f"{i:012d}.png", 64, 64, captions, objs))
     return out
 
 
 def teacher(server: FaultyChatServer, **changes) -> TeacherConfig:
     settings = dict(kind="chat", model="test-model", base_url=server.base_url, api_key_env=KEY_ENV,
-                    chat_timeout_s=0.5, chat_backoff_s=0.02, chat_max_backoff_s=0.1, chat_concurrency=8,
+                    chat_timeout_s=1.0, chat_backoff_s=0.02, chat_max_backoff_s=0.1, chat_concurrency=8,
                     chat_max_retries=4, chat_format_retries=2)
     settings.update(changes)
     return TeacherConfig(**settings)
@@ -165,7 +166,7 @@ def test_faults_lose_no_context_duplicate_none_record_failures_with_raw_text_and
     caplog.set_level(logging.DEBUG)
     contexts = make_contexts(12)
     out = tmp_path / "chat.jsonl"
-    with FaultyChatServer(scripted, api_key=KEY, slow_s=1.0, retry_after_s=1) as server:
+    with FaultyChatServer(scripted, api_key=KEY, slow_s=2.0, retry_after_s=1) as server:
         stats = chat.generate(contexts, out, teacher(server), image_prefix="train", progress=True)
     log = server.log
 

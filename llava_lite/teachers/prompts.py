@@ -51,7 +51,8 @@ def load_prompts(rtype: str, prompts_dir: str | Path = PROMPTS_DIR) -> PromptSet
     for i, shot in enumerate(shots):
         if not (isinstance(shot, dict) and isinstance(shot.get("context"), str)
                 and isinstance(shot.get("response"), str)):
-            raise ValueError(f"{shots_path}: example {i} should be {{'context': str, 'response': str}}, found {shot!r:.80}")
+            raise ValueError(f"{shots_path}: example {i} should be {{'context': str, 'response': str}}, "
+                             f"found {shot!r:.80}")
         examples.append((shot["context"].strip(), shot["response"].strip()))
     instructions: tuple[str, ...] = ()
     if rtype == "detail":

@@ -1,0 +1,146 @@
+"""The tiny LM backbone: the shipped model still reads, the training code trains, and the chat
+layout puts the loss on the answers only."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from llava_lite import backbones as bb
+from llava_lite.coco import load_contexts
+from llava_lite.config import get_preset
+from llava_lite.io import write_json
+from llava_lite.paths import PRETRAINED_DIR
+from llava_lite.world import coco_files, sample_world
+
+SHIPPED = PRETRAINED_DIR / "tiny-lm"
+
+
+def _heldout_contexts(tmp_path, n: int, seed: int = 0):
+    """``n`` scenes drawn beside the tiny preset's pretrain split (so none of them is one the LM
+    was trained on), written as COCO files and read back like any split."""
+    cfg = get_preset("tiny").world
+    cfg.seed = seed
+    cfg.splits = {"pretrain": cfg.splits["pretrain"], "heldout": n}
+    scenes = sample_world(cfg)["heldout"]
+    instances, captions = coco_files(scenes, cfg, "heldout")
+    write_json(tmp_path / "instances.json", instances)
+    write_json(tmp_path / "captions.json", captions)
+    return load_contexts(tmp_path / "instances.json", tmp_path / "captions.json")
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    contexts = _heldout_contexts(tmp_path_factory.mktemp("tok"), 120, seed=7)
+    return bb.train_tokenizer(bb.tokenizer_corpus(contexts), vocab_size=400), contexts
+
+
+@pytest.mark.slow
+def test_shipped_tiny_lm_answers_from_held_out_contexts(tmp_path):
+    torch.set_num_threads(2)
+    model, tokenizer = bb.load_tiny_lm(SHIPPED)
+    contexts = _heldout_contexts(tmp_path, 250)
+    m = bb.text_only_accuracy(model, tokenizer, contexts, per_scene=4)
+    assert m["questions"] > 800, m["questions"]
+    assert m["overall"] >= 0.9, f"text-only accuracy {m['overall']:.3f} < 0.9: {m['accuracy']}"
+    for t, acc in m["accuracy"].items():
+        base = m["baseline"][t]
+        assert acc >= base + 0.25 or acc >= 0.95, f"{t}: accuracy {acc:.3f} not well above its baseline {base:.3f}"
+
+
+def test_shipped_tiny_lm_files_are_safetensors_and_small():
+    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files and "config.json" in files, sorted(files)
+    assert sum(files.values()) < 12 * 2**20, files
+    metrics = json.loads((SHIPPED / "metrics.json").read_text())
+    assert metrics["text_only"]["overall"] >= 0.9
+
+
+def test_tokenizer_keeps_words_whole_and_digits_single(small_tokenizer):
+    tok, _ = small_tokenizer
+    for special in bb.SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id and len(tok.tokenize(special)) == 1
+    pieces = tok.tokenize("red circle: [0.125, 0.250, 0.406, 0.531]\nWhat colour is the red circle?")
+    # a word reads the same at the start of a line and inside a sentence
+    assert pieces.count("Ġred") == 2 and pieces.count("Ġcircle") == 2, pieces
+    digits = [p for p in pieces if p.isdigit()]
+    assert all(len(p) == 1 for p in digits) and len(digits) == 16, pieces
+
+
+def test_chat_template_renders_user_assistant_turns(small_tokenizer):
+    tok, _ = small_tokenizer
+    msgs = [{"role": "user", "content": "ctx\nWhat colour is the circle?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "How many squares are there?"}, {"role": "assistant", "content": "two"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == ("<|user|>ctx\nWhat colour is the circle?<|end|><|assistant|>red<|end|>"
+                    "<|user|>How many squares are there?<|end|><|assistant|>two<|end|>")
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|end|><|assistant|>")
+
+
+def test_reading_document_loss_mask_covers_exactly_the_answers(small_tokenizer):
+    tok, contexts = small_tokenizer
+    docs = bb.reading_documents(contexts[:20], random.Random(0), qa_per_doc=5, caption_share=0.0, box_share=0.5)
+    enc = bb.ChatEncoder(tok)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    for doc in docs:
+        ids, labels = enc.encode(doc)
+        rendered = tok.apply_chat_template(doc, tokenize=True)
+        rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        assert list(rendered) == ids, "ChatEncoder and apply_chat_template disagree"
+        # the supervised tokens, split at <|end|>, are exactly the answers in order
+        supervised = [i for i, l in zip(ids, labels) if l != -100]
+        assert all(l in (-100, i) for i, l in zip(ids, labels))
+        answers, cur = [], []
+        for i in supervised:
+            if i == end:
+                answers.append(tok.decode(cur).strip())
+                cur = []
+            else:
+                cur.append(i)
+        assert not cur
+        assert answers == [m["content"] for m in doc if m["role"] == "assistant"]
+        assert doc[0]["content"].startswith(bb.object_lines(next(c for c in contexts if bb.object_lines(c) in doc[0]["content"])))
+
+
+def test_pretrain_lm_smoke_loss_falls_and_saves_loadable_model(small_tokenizer, tmp_path):
+    tok, contexts = small_tokenizer
+    cfg = bb.LMConfig(lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64, steps=40, batch_size=8, lr=3e-3,
+                      warmup=5, eval_every=40, eval_scenes=10, checkpoint_every=20, qa_per_doc=4, threads=2)
+    model, _, metrics = bb.pretrain_lm(contexts[:100], contexts[100:], tmp_path, cfg, tokenizer=tok, progress=False)
+    train, evals = bb.read_log(tmp_path / "log.jsonl")
+    assert len(train) == 40 and len(evals) == 1
+    first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    loaded, loaded_tok = bb.load_tiny_lm(tmp_path)
+    ids = torch.tensor([loaded_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
+                                                       add_generation_prompt=True, return_dict=False)])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer, tmp_path):
+    tok, contexts = small_tokenizer
+    cfg = bb.LMConfig(lm_hidden=32, lm_layers=1, lm_heads=2, lm_intermediate=64, steps=12, batch_size=4,
+                      warmup=2, eval_every=6, eval_scenes=3, checkpoint_every=6, qa_per_doc=3, bf16=False, threads=1)
+    train, val = contexts[:60], contexts[60:63]
+    bb.pretrain_lm(train, val, tmp_path / "straight", cfg, tokenizer=tok, progress=False)
+
+    def crash(step, metrics):
+        raise _Crash(step)
+
+    with pytest.raises(_Crash):  # dies at step 6, just after writing its checkpoint
+        bb.pretrain_lm(train, val, tmp_path / "resumed", cfg, tokenizer=tok, progress=False, on_eval=crash)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    bb.pretrain_lm(train, val, tmp_path / "resumed", cfg, tokenizer=tok, progress=False)
+    straight, _ = bb.read_log(tmp_path / "straight" / "log.jsonl")
+    resumed, _ = bb.read_log(tmp_path / "resumed" / "log.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-4)

@@ -1,0 +1,51 @@
+"""The exact-answer score: items, batched greedy generation, baselines."""
+import pytest
+import torch
+
+from llava_lite import conversation as conv
+from llava_lite import evaluate as ev
+
+from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = tiny_llava(tok, seed=3)
+    samples = world_samples(30, kinds=("exact",))[1]
+    return tok, model, samples
+
+
+def test_every_question_of_an_exact_sample_becomes_one_item(setup):
+    _, _, samples = setup
+    items = ev.exact_items(samples)
+    assert len(items) == sum(len(s["qtypes"]) for s in samples)
+    assert all("<image>" not in it.question and it.answer for it in items)
+    assert len({it.sample_id for it in items}) == len(items)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(setup):
+    tok, model, samples = setup
+    template = conv.get_template("chat", tok)
+    items = ev.exact_items(samples)[:12]
+    batched = ev.ask_llava(model, template, tok, items, fake_features, batch_size=12)
+    single = [ev.ask_llava(model, template, tok, [it], fake_features, batch_size=1)[0] for it in items]
+    assert batched == single
+    blind = ev.ask_llava(model, template, tok, items, None, batch_size=5, blind=True)
+    assert len(blind) == len(items)
+
+
+def test_scores_and_the_most_common_answer_baseline():
+    items = [ev.Item(str(i), None, t, "q", a) for i, (t, a) in enumerate(
+        [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("exist", "yes"), ("exist", "no")])]
+    base = ev.most_common_answer(items)
+    assert base["accuracy"]["colour"] == pytest.approx(2 / 3) and base["answers"]["colour"] == "red"
+    recs = ev.records(items, ["Red.", "blue", "Blue", "yes", "No, there is none"])
+    s = ev.score(recs)
+    assert s["accuracy"] == {"colour": pytest.approx(2 / 3), "exist": 1.0} and s["overall"] == pytest.approx(0.8)
+
+
+def test_blind_samples_have_no_image_anywhere(setup):
+    _, _, samples = setup
+    for s in ev.blind_samples(samples):
+        assert "image" not in s and all("<image>" not in t["value"] for t in s["conversations"])

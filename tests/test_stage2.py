@@ -1,0 +1,83 @@
+"""Stage 2: LoRA, memory advice, and two processes that train as one."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_lite import conversation as conv
+from llava_lite import memory
+from llava_lite.data import Collator, encode_samples
+from llava_lite.model import apply_lora, merge_lora
+from llava_lite.train import TrainConfig, latest_checkpoint, load_trained, set_trainable, train
+
+from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    samples = [s for s in world_samples(40)[1] if s["type"] != "caption"]
+    return encode_samples(samples, conv.get_template("chat", tok), 4, 256)[0]
+
+
+def test_lora_trains_adapters_and_projector_and_the_checkpoint_keeps_both(tok, examples, tmp_path):
+    model = apply_lora(tiny_llava(tok), r=4, alpha=8)
+    groups = dict(set_trainable(model, 2))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("projector.") for n in names)
+    assert any(n.startswith("projector.") for n in names) and len(groups["lm"]) > 0
+    train(model, examples, Collator(tok.pad_token_id, features=fake_features),
+          TrainConfig(stage=2, batch_size=8, max_steps=3, lr=1e-2), tmp_path, progress=False)
+    saved = load_file(str(latest_checkpoint(tmp_path) / "trainable.safetensors"))
+    assert set(saved) == set(names)
+    fresh = apply_lora(tiny_llava(tok), r=4, alpha=8)
+    load_trained(fresh, latest_checkpoint(tmp_path))
+    batch = Collator(tok.pad_token_id, features=fake_features)(examples[:4])
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=batch["image_features"])
+    with torch.no_grad():
+        before = fresh(**kw).logits
+        merged = merge_lora(fresh)
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        assert torch.allclose(merged(**kw).logits, before, atol=1e-4)
+
+
+def test_memory_estimate_names_the_setting_to_change_instead_of_running_out(tok, monkeypatch):
+    model = tiny_llava(tok)
+    set_trainable(model, 2)
+    est = memory.estimate(model, batch_size=8, seq_len=128)
+    assert est.weights > 0 and est.gradients > 0 and est.optimizer == pytest.approx(2 * est.gradients)
+    assert memory.estimate(model, 8, 128, gradient_checkpointing=True).activations < est.activations
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1e6)
+    with pytest.raises(MemoryError, match="gradient checkpointing.*halve the per-device batch.*LoRA"):
+        memory.check(model, 8, 128, "fp32", False, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_stay_identical_and_match_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for name in single:
+        assert torch.equal(r0[name], r1[name]), f"replicas differ on {name}"
+        assert torch.allclose(r0[name], single[name], atol=1e-5, rtol=1e-4), f"2 processes != 1 process on {name}"
+    initial = load_file(str(tmp_path / "one" / "initial0.safetensors"))
+    moved = [n for n in single if not torch.equal(single[n], initial[n])]
+    assert any(n.startswith("projector.") for n in moved) and any(n.startswith("lm.") for n in moved)

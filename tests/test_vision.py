@@ -1,0 +1,142 @@
+"""The vision tower: layer selection, preprocessing of odd images, errors that name the file,
+and the shipped tiny CLIP still meeting its metrics when measured afresh."""
+from __future__ import annotations
+
+import io as stdio
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_lite.vision import SHIPPED, ImageReadError, VisionTower, load_image
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tower(**kw) -> VisionTower:
+    return VisionTower.from_config(TINY_CFG, seed=0, **kw)
+
+
+def block_output(t: VisionTower, pixels: torch.Tensor, block: int) -> torch.Tensor:
+    """What a forward hook on ``resblocks[block]`` sees when the whole open_clip tower runs."""
+    seen = {}
+    handle = t.visual.transformer.resblocks[block].register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    with torch.no_grad():
+        t.visual(pixels)
+    handle.remove()
+    return seen["x"]  # [B, 1 + P, W]
+
+
+def test_default_layer_is_penultimate_block_output_without_cls_as_a_hook_sees_it():
+    t = tower()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = t(x)
+    assert got.shape == (2, 16, 32) and t.num_patches == 16 and t.width == 32
+    torch.testing.assert_close(got, block_output(t, x, -2)[:, 1:])
+    assert not torch.allclose(got, block_output(t, x, -1)[:, 1:])  # really not the last block
+
+
+def test_last_layer_with_cls_matches_hook_on_last_block():
+    t = tower(layer=-1, keep_cls=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = t(x)
+    assert got.shape == (2, 17, 32) and t.num_patches == 17
+    torch.testing.assert_close(got, block_output(t, x, -1))
+
+
+def test_cache_key_changes_with_layer_cls_and_weights():
+    keys = {tower().cache_key, tower(layer=-1).cache_key, tower(keep_cls=True).cache_key,
+            VisionTower.from_config(TINY_CFG, seed=1).cache_key}
+    assert len(keys) == 4
+    assert tower().cache_key == tower().cache_key  # stable across loads
+
+
+def test_layer_out_of_range_is_refused_with_the_block_count():
+    with pytest.raises(ValueError, match="3 blocks"):
+        tower(layer=-4)
+
+
+def _odd_images() -> dict[str, Image.Image]:
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
+    rgba = Image.fromarray(rgb).convert("RGBA")
+    rgba.putalpha(128)
+    return {
+        "grayscale": Image.fromarray(rgb[..., 0], "L"),
+        "rgba": rgba,
+        "palette": Image.fromarray(rgb).convert("P"),
+        "one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)),
+        "huge": Image.new("RGB", (4000, 3000), (10, 200, 10)),
+        "tall": Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90),
+        "16bit": Image.fromarray((rgb[..., 0].astype(np.uint16) * 250), "I;16"),
+        "cmyk": Image.fromarray(rgb).convert("CMYK"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_odd_images()))
+def test_odd_images_become_a_normalised_square_batch(kind):
+    t = tower()
+    feats = t.encode([_odd_images()[kind]])
+    assert feats.shape == (1, 16, 32) and torch.isfinite(feats).all()
+
+
+def test_non_square_image_is_padded_not_cropped():
+    t = tower()
+    img = Image.new("RGB", (64, 16), (255, 0, 0))  # a red strip: padding adds the mean colour above and below
+    x = t.preprocess(img)  # [3, 32, 32]
+    red = torch.tensor([255, 0, 0]).view(3, 1) / 255
+    red = (red - t.mean.view(3, 1)) / t.std.view(3, 1)
+    row = x[:, 16, :]  # the middle row is all red strip
+    torch.testing.assert_close(row, red.expand_as(row), atol=0.05, rtol=0)
+    assert torch.allclose(x[:, 0, :], torch.zeros_like(x[:, 0, :]), atol=0.02)  # mean colour = 0 once normalised
+
+
+def test_unreadable_files_raise_errors_naming_the_file(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    for path in (truncated, garbage, tmp_path / "missing.png"):
+        with pytest.raises(ImageReadError, match=path.name):
+            load_image(path)
+        with pytest.raises(ImageReadError, match=path.name):
+            tower().encode([path])
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    buf = stdio.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[:600])
+    with pytest.raises(ImageReadError, match="cut.jpg"):
+        load_image(path)
+
+
+# ------------------------------------------------------------------ the shipped tiny CLIP
+@pytest.mark.slow
+def test_shipped_tiny_clip_loads_and_still_meets_retrieval_and_shape_probe_on_fresh_scenes():
+    from llava_lite.clip_pretrain import clip_retrieval, heldout_scenes, load_tiny_clip, shape_colour_probe
+    from llava_lite.config import WorldConfig
+
+    folder = SHIPPED["tiny-clip"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    world_cfg = WorldConfig(**metrics["config"]["world"])
+    # a split name never used before: fresh scenes, disjoint from every split the CLIP saw
+    images, caps, objs = heldout_scenes(world_cfg, 1000, name="test-vision-heldout")
+    model, tokenizer = load_tiny_clip(folder)
+    r = clip_retrieval(model, tokenizer, images, caps)
+    assert r["r@1"] >= 0.8, r
+    t = VisionTower.load("tiny-clip")
+    assert t.layer == -2 and t.num_patches == 64
+    probe = shape_colour_probe(t, images, objs)
+    assert probe["shape"]["accuracy"] >= 0.9, probe
+    assert probe["colour"]["accuracy"] >= 0.9, probe
