@@ -64,26 +64,32 @@ def test_layer_out_of_range_is_refused_with_the_block_count():
         tower(layer=-4)
 
 
-def _odd_images() -> dict[str, Image.Image]:
-    rgb = np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
-    rgba = Image.fromarray(rgb).convert("RGBA")
-    rgba.putalpha(128)
-    return {
-        "grayscale": Image.fromarray(rgb[..., 0], "L"),
-        "rgba": rgba,
-        "palette": Image.fromarray(rgb).convert("P"),
-        "one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)),
-        "huge": Image.new("RGB", (4000, 3000), (10, 200, 10)),
-        "tall": Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90),
-        "16bit": Image.fromarray((rgb[..., 0].astype(np.uint16) * 250), "I;16"),
-        "cmyk": Image.fromarray(rgb).convert("CMYK"),
-    }
+def _rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("kind", list(_odd_images()))
+def _rgba() -> Image.Image:
+    img = Image.fromarray(_rgb()).convert("RGBA")
+    img.putalpha(128)
+    return img
+
+
+ODD_IMAGES = {
+    "grayscale": lambda: Image.fromarray(_rgb()[..., 0]),
+    "rgba": _rgba,
+    "palette": lambda: Image.fromarray(_rgb()).convert("P"),
+    "one_pixel": lambda: Image.new("RGB", (1, 1), (200, 10, 10)),
+    "huge": lambda: Image.new("RGB", (4000, 3000), (10, 200, 10)),
+    "tall": lambda: Image.fromarray(_rgb()).transpose(Image.Transpose.ROTATE_90),
+    "16bit": lambda: Image.fromarray(_rgb()[..., 0].astype(np.uint16) * 250),
+    "cmyk": lambda: Image.fromarray(_rgb()).convert("CMYK"),
+}
+
+
+@pytest.mark.parametrize("kind", list(ODD_IMAGES))
 def test_odd_images_become_a_normalised_square_batch(kind):
-    t = tower()
-    feats = t.encode([_odd_images()[kind]])
+    img = ODD_IMAGES[kind]()
+    feats = tower().encode([img])
     assert feats.shape == (1, 16, 32) and torch.isfinite(feats).all()
 
 

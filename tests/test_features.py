@@ -1,0 +1,108 @@
+"""The feature cache: equal to on-the-fly features, resumable without recomputation, never mixing
+towers, and a corrupt image names itself without leaving a partial shard."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from llava_lite import world
+from llava_lite.config import WorldConfig
+from llava_lite.features import FeatureReader, cache_folder, extract, split_images
+from llava_lite.vision import ImageReadError, VisionTower
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    world.generate(WorldConfig(image_size=32, splits={"train": 10}, seed=3), root, progress=False)
+    return root / "annotations" / "instances_train.json", root / "train"
+
+
+def count_forwards(t: VisionTower) -> list:
+    calls = []
+    t.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    return calls
+
+
+def test_cached_features_equal_on_the_fly_features(split, tmp_path):
+    inst, images = split
+    t = VisionTower.from_config(TINY_CFG)
+    folder = extract(t, inst, images, cache_folder(tmp_path, t, "train"), batch_size=3, shard_size=4, progress=False)
+    reader = FeatureReader(folder, expect_key=t.cache_key)
+    recs = split_images(inst)
+    assert len(reader) == 10 and reader.tokens == 16 and reader.width == 32
+    fresh = t.encode([images / r.file_name for r in recs])  # [10, 16, 32]
+    cached = reader.get_many([r.image_id for r in recs])
+    assert cached.dtype == torch.float16
+    torch.testing.assert_close(cached.float(), fresh, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(reader(recs[4].file_name), reader[recs[4].image_id])  # by file name too
+
+
+def test_resume_after_a_crash_recomputes_only_unfinished_shards(split, tmp_path):
+    inst, images = split
+    work = tmp_path / "images"
+    shutil.copytree(images, work)
+    recs = split_images(inst)
+    victim = work / recs[5].file_name  # in the second shard of three (shard size 4)
+    original = victim.read_bytes()
+    victim.write_bytes(original[: len(original) // 2])
+
+    t = VisionTower.from_config(TINY_CFG)
+    calls = count_forwards(t)
+    out = cache_folder(tmp_path / "features", t, "train")
+    with pytest.raises(ImageReadError, match=victim.name):
+        extract(t, inst, work, out, batch_size=2, shard_size=4, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]  # no partial shard, no temp file
+    first_shard = (out / "shard-00000.safetensors").read_bytes()
+    assert sum(calls) == 4  # shard 0's four images; shard 1 failed while loading its first batch
+    calls.clear()
+
+    victim.write_bytes(original)  # the image is repaired; run again
+    extract(t, inst, work, out, batch_size=2, shard_size=4, progress=False)
+    assert sum(calls) == 6  # images of shards 1 and 2 only: nothing finished was recomputed
+    assert (out / "shard-00000.safetensors").read_bytes() == first_shard
+    calls.clear()
+    extract(t, inst, work, out, batch_size=2, shard_size=4, progress=False)
+    assert calls == []  # a finished cache costs no forward pass at all
+    assert len(FeatureReader(out)) == 10
+
+
+def test_two_layers_never_share_a_cache_folder(split, tmp_path):
+    inst, images = split
+    a = VisionTower.from_config(TINY_CFG, layer=-2)
+    b = VisionTower.from_config(TINY_CFG, layer=-1)
+    fa = extract(a, inst, images, cache_folder(tmp_path, a, "train"), progress=False)
+    fb = extract(b, inst, images, cache_folder(tmp_path, b, "train"), progress=False)
+    assert fa != fb
+    with pytest.raises(ValueError, match="layer-1"):
+        FeatureReader(fb, expect_key=a.cache_key)
+    rid = split_images(inst)[0].image_id
+    assert not torch.equal(FeatureReader(fa)[rid], FeatureReader(fb)[rid])
+
+
+def test_a_shard_of_another_tower_is_recomputed_not_trusted(split, tmp_path):
+    inst, images = split
+    a = VisionTower.from_config(TINY_CFG, seed=0)
+    b = VisionTower.from_config(TINY_CFG, seed=1)
+    out = tmp_path / "same-folder"
+    extract(a, inst, images, out, shard_size=4, progress=False)
+    calls = count_forwards(b)
+    extract(b, inst, images, out, batch_size=4, shard_size=4, progress=False)
+    assert sum(calls) == 10
+    assert FeatureReader(out).cache_key == b.cache_key
+
+
+def test_unknown_image_id_names_the_folder(split, tmp_path):
+    inst, images = split
+    t = VisionTower.from_config(TINY_CFG)
+    folder = extract(t, inst, images, tmp_path / "f", progress=False)
+    with pytest.raises(KeyError, match="424242"):
+        FeatureReader(folder)[424242]
