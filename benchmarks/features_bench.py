@@ -27,14 +27,17 @@ LM = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_lay
           num_key_value_heads=4, max_position_embeddings=512)
 
 
-def timed(step, repeats):
-    step()  # warm-up
-    times = []
+def timed_side_by_side(steps: dict, repeats: int) -> dict:
+    """Median ms of each step, run in turns (a, b, a, b, ...) so both see the same machine load."""
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def main():
@@ -73,22 +76,29 @@ def main():
         labels = ids.clone()
         labels[:, :P] = -100
 
-        def from_cache():
+        def from_cache(backward: bool):
             feats = reader.get_many([r.image_id for r in recs]).float()  # [B, P, Dv]
-            model(input_ids=ids, image_features=feats, labels=labels).loss.backward()
+            loss = model(input_ids=ids, image_features=feats, labels=labels).loss
+            if backward:
+                loss.backward()
 
-        def from_pixels():
+        def from_pixels(backward: bool):
             pixels = tower.pixels([image_dir / r.file_name for r in recs])  # [B, 3, S, S]
-            model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
+            loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+            if backward:
+                loss.backward()
 
-        t_cache = timed(from_cache, args.repeats)
-        t_pixels = timed(from_pixels, args.repeats)
+        fwd = timed_side_by_side({"pixels": lambda: from_pixels(False), "cache": lambda: from_cache(False)},
+                                 args.repeats)
+        step = timed_side_by_side({"pixels": lambda: from_pixels(True), "cache": lambda: from_cache(True)},
+                                  args.repeats)
 
     print(f"tower {tower.cache_key}: {P} tokens x {tower.width}, torch threads {torch.get_num_threads()}")
     print(f"feature extraction: {args.images} images in {t_extract:.1f} s = {args.images / t_extract:.0f} images/s")
-    print(f"stage-1 step (batch {B}, {P} image + {args.text} text tokens, forward + backward):")
-    print(f"  from image files through the tower: {t_pixels:8.1f} ms/step")
-    print(f"  from the feature cache            : {t_cache:8.1f} ms/step   {t_pixels / t_cache:.2f}x faster")
+    for what, t in (("forward", fwd), ("forward + backward", step)):
+        print(f"stage-1-sized {what} (batch {B}, {P} image + {args.text} text tokens, median of {args.repeats}):")
+        print(f"  from image files through the tower: {t['pixels']:8.1f} ms")
+        print(f"  from the feature cache            : {t['cache']:8.1f} ms   ratio pixels/cache {t['pixels'] / t['cache']:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,60 @@ class VisionConfig:
 
 
 @dataclass
+class LanguageConfig:
+    """The language model LLaVA starts from: a folder of ``data/pretrained/`` or a hub name."""
+
+    name: str = "tiny-lm"  # short name of data/pretrained/, a folder, or a hub id (HuggingFaceTB/SmolLM2-360M-Instruct)
+    dtype: str = "fp32"  # weights' dtype when loaded: fp32 | bf16 | fp16
+
+
+@dataclass
+class ModelConfig:
+    """How the two are joined, and how samples become tokens."""
+
+    projector_type: str = "mlp2x_gelu"  # "linear" (the paper) | "mlp2x_gelu" (LLaVA-1.5)
+    stage1_template: str = "plain"  # "plain" | "chat"
+    stage2_template: str = "chat"
+    max_len: int = 256  # tokens per sample, image tokens included
+    lora: bool = False  # stage 2: LoRA adapters instead of the full language model
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """One stage of the training loop (:mod:`llava_lite.train`)."""
+
+    stage: int = 1
+    lr: float = 1e-3  # projector learning rate
+    lm_lr: float | None = None  # language model learning rate (stage 2); None = lr
+    batch_size: int = 32  # global batch: samples per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = as many as ``epochs`` gives
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    group_by_length: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
 class Preset:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32))
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=2e-4, lm_lr=2e-4, batch_size=16,
+                                                                     group_by_length=True))
 
     def replace(self, **changes) -> "Preset":
         return dataclasses.replace(self, **changes)
@@ -72,6 +121,13 @@ def _colab() -> Preset:
         name="colab",
         world=WorldConfig(image_size=224, splits={"train": 5000, "val": 200, "test": 200}),
         vision=VisionConfig(encoder="ViT-B-16", pretrained="openai"),
+        language=LanguageConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct", dtype="fp32"),
+        model=ModelConfig(stage1_template="plain", stage2_template="chat", max_len=512, lora=True, lora_r=64,
+                          lora_alpha=128),
+        # sized for one T4 (16 GB, fp16): micro-batches of 8 with accumulation
+        stage1=TrainConfig(stage=1, lr=1e-3, batch_size=64, grad_accum=8, precision="fp16"),
+        stage2=TrainConfig(stage=2, lr=2e-5, lm_lr=2e-4, batch_size=32, grad_accum=8, epochs=1, precision="fp16",
+                           group_by_length=True, gradient_checkpointing=True),
     )
 
 
@@ -80,6 +136,11 @@ def _full() -> Preset:
         name="full",
         world=WorldConfig(image_size=336, splits={"train": 100000, "val": 1000, "test": 1000}),
         vision=VisionConfig(encoder="ViT-L-14-336", pretrained="openai"),
+        language=LanguageConfig(name="Qwen/Qwen2.5-1.5B-Instruct", dtype="bf16"),
+        model=ModelConfig(max_len=2048),
+        stage1=TrainConfig(stage=1, lr=1e-3, batch_size=256, precision="bf16"),
+        stage2=TrainConfig(stage=2, lr=2e-5, batch_size=128, epochs=1, precision="bf16", group_by_length=True,
+                           gradient_checkpointing=True),
     )
 
 

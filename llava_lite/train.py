@@ -18,7 +18,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -29,32 +29,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import io
+from .config import TrainConfig
 from .conversation import IGNORE
 from .data import Collator, Example, padding_share, plan_batches
 from .model import LlavaLite
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    stage: int = 1
-    lr: float = 1e-3  # projector learning rate
-    lm_lr: float | None = None  # language model learning rate (stage 2); None = lr
-    batch_size: int = 32  # global batch: samples per optimizer step, over all processes
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0
-    max_steps: int = 0  # 0 = as many as ``epochs`` gives
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    group_by_length: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
 
 
 class TrainingDiverged(RuntimeError):
