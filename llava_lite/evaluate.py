@@ -168,3 +168,62 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
         row["all"] = round(res["overall"], 3)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------ stage-1 evidence
+@torch.no_grad()
+def mean_loss(model, examples, collate, batch_size: int = 64) -> float:
+    """Mean next-token loss over the learned tokens of ``examples`` (e.g. held-out captions)."""
+    import torch.nn.functional as F
+
+    from .conversation import IGNORE
+
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s:s + batch_size])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    image_features=batch.get("image_features"))
+        logits, target = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((target != IGNORE).sum())
+    model.train(was)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def nearest_words(model, tokenizer, image_features: torch.Tensor, k: int = 3, skip_special: bool = True) -> list[list[str]]:
+    """For each projected image token of one image, the ``k`` vocabulary words whose input
+    embeddings are closest (cosine): what the language model "reads" in each patch."""
+    emb = model.lm.get_input_embeddings().weight.float()  # [V, D]
+    proj = model.projector(image_features.float().unsqueeze(0))[0]  # [P, Dv] -> [P, D]
+    sims = torch.nn.functional.normalize(proj, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T  # [P, V]
+    if skip_special:
+        sims[:, tokenizer.all_special_ids] = -2
+    top = sims.topk(k, dim=-1).indices  # [P, k]
+    return [[tokenizer.convert_ids_to_tokens(int(i)).replace("Ġ", "").strip() for i in row] for row in top]
+
+
+def describe(model, template, tokenizer, images: Sequence[str], features: Callable[[str], torch.Tensor],
+             instruction: str = "Describe the image briefly.", max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """What the model says about each image when asked ``instruction`` (greedy)."""
+    items = [Item(name, name, "caption", instruction, "") for name in images]
+    prompts = []
+    from .conversation import Encoded
+
+    for it in items:
+        ids = template.prompt([{"from": "human", "value": f"{IMAGE_TOKEN}\n{it.question}"}], it.sample_id)
+        pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
+        prompts.append(expand_image(Encoded(ids, ids, it.sample_id, pos), model.config.num_image_tokens).input_ids)
+    stop = _stop_id(tokenizer) if template.name == "chat" else tokenizer.eos_token_id
+    was = model.training
+    model.eval()
+    try:
+        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
+                              lambda t: tokenizer.decode(t, skip_special_tokens=True).strip(), batch_size,
+                              max_new_tokens=max_new_tokens,
+                              extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])})
+    finally:
+        model.train(was)

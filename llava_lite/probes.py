@@ -52,7 +52,7 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
             gc = cap[start:start + group, r]  # [G, D]
             sim = gi @ gc.T  # [G, G]: image i vs caption j
             own = sim.diagonal().unsqueeze(1)  # [G, 1]
-            rank = (sim > own).sum(dim=1)  # captions scored strictly above the right one
+            rank = (sim >= own).sum(dim=1) - 1  # other captions scored at least as high (ties count against)
             for k in ks:
                 hits[k] += int((rank < k).sum())
             total += group

@@ -49,3 +49,20 @@ def test_blind_samples_have_no_image_anywhere(setup):
     _, _, samples = setup
     for s in ev.blind_samples(samples):
         assert "image" not in s and all("<image>" not in t["value"] for t in s["conversations"])
+
+
+def test_mean_loss_matches_the_language_model_loss_and_describe_answers_each_image(setup):
+    from llava_lite.data import Collator, encode_samples
+
+    tok, model, samples = setup
+    template = conv.get_template("chat", tok)
+    examples, _ = encode_samples(samples[:1], template, 4, 256)
+    collate = Collator(tok.pad_token_id, features=fake_features)
+    batch = collate(examples)
+    ref = model(input_ids=batch["input_ids"], labels=batch["labels"], image_features=batch["image_features"]).loss
+    assert ev.mean_loss(model, examples, collate) == pytest.approx(ref.item(), rel=1e-4)
+    names = [s["image"] for s in samples[:5]]
+    said = ev.describe(model, template, tok, names, fake_features, max_new_tokens=5)
+    assert len(said) == 5 and all(isinstance(t, str) for t in said)
+    words = ev.nearest_words(model, tok, fake_features(names[0]), k=2)
+    assert len(words) == 4 and all(len(w) == 2 for w in words)
