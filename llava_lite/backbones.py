@@ -117,12 +117,17 @@ _CONTENT = {"red", "orange", "yellow", "green", "blue", "purple", "circle", "squ
             "squares", "triangles", "shape", "shapes", "object", "objects"}
 
 
-def scene_questions(ctx: SymbolicContext, rng: random.Random, n: int) -> list[ExactQA]:
-    """Up to ``n`` questions about one scene, types drawn evenly, no question asked twice in
-    other words (a repeated question could be answered by copying the earlier answer)."""
+def scene_questions(ctx: SymbolicContext, rng: random.Random, n: int,
+                    type_weights: dict[str, float] | None = None) -> list[ExactQA]:
+    """Up to ``n`` questions about one scene, no question asked twice in other words (a repeated
+    question could be answered by copying the earlier answer). Types are drawn evenly, or in
+    proportion to ``type_weights`` (a type that does not apply to the scene falls back to
+    another)."""
     out, seen = [], set()
+    types, weights = (list(type_weights), list(type_weights.values())) if type_weights else (None, None)
     for _ in range(n * 4):
-        qa = exact_question(ctx.objects, rng)
+        qtype = rng.choices(types, weights)[0] if types else None
+        qa = exact_question(ctx.objects, rng, qtype) or (exact_question(ctx.objects, rng) if qtype else None)
         if qa and _content_key(qa) not in seen:
             seen.add(_content_key(qa))
             out.append(qa)
@@ -144,7 +149,8 @@ def box_question(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
 
 
 def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, qa_per_doc: int = 8,
-                      caption_share: float = 0.05, box_share: float = 0.0) -> list[list[dict]]:
+                      caption_share: float = 0.05, box_share: float = 0.0,
+                      type_weights: dict[str, float] | None = None) -> list[list[dict]]:
     """One chat document per context: the object lines, then ``qa_per_doc`` questions and their
     answers (the first question shares the first user turn with the context). A
     ``caption_share`` of documents instead asks for a caption and gets one of the scene's; in a
@@ -157,7 +163,7 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
             docs.append([{"role": "user", "content": f"{lines}\n{CAPTION_PROMPT}"},
                          {"role": "assistant", "content": rng.choice(ctx.captions)}])
             continue
-        qas = scene_questions(ctx, rng, qa_per_doc)
+        qas = scene_questions(ctx, rng, qa_per_doc, type_weights)
         if box_share and rng.random() < box_share:
             box = box_question(ctx, rng)
             if box:
@@ -220,6 +226,13 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
     return ids, labels
 
 
+def as_text_document(pair: tuple[list[int], list[int]], weight: float) -> tuple[list[int], list[float]]:
+    """A reading document read as plain text: every token is predicted, the answers with weight
+    1 and the rest (context lines, questions, role tokens) with ``weight``."""
+    ids, labels = pair
+    return ids, [1.0 if l != -100 else weight for l in labels]
+
+
 # ------------------------------------------------------------------------------ model
 @dataclass
 class LMConfig:
@@ -242,6 +255,9 @@ class LMConfig:
     qa_per_doc: int = 8
     caption_share: float = 0.05
     box_share: float = 0.0  # documents with one grounding question ("Where is the red circle?")
+    type_weights: dict[str, float] | None = None  # question types drawn in these proportions (None: evenly)
+    text_share: float = 0.0  # documents read as plain text (context and questions predicted too)
+    text_weight: float = 0.2  # weight of a plain-text document's non-answer tokens
     curriculum_steps: int = 0  # for this many steps only scenes of <= curriculum_objects objects
     curriculum_objects: int = 2
     bf16: bool = True
@@ -363,19 +379,37 @@ class DocStream:
             n = self.cfg.batch_size * self.cfg.length_group
             pool = self.small if step < self.cfg.curriculum_steps else self.contexts
             scenes = [pool[rng.randrange(len(pool))] for _ in range(n)]
-            args = (self.cfg.qa_per_doc, self.cfg.caption_share, self.cfg.box_share)
+            args = (self.cfg.qa_per_doc, self.cfg.caption_share, self.cfg.box_share, self.cfg.type_weights)
             docs = reading_documents(scenes, rng, *args)
             while len(docs) < n:  # a scene without questions is rare; top up
                 docs += reading_documents([pool[rng.randrange(len(pool))]], rng, *args)
-            pairs = sorted((self.enc.encode(d) for d in docs[:n]), key=lambda p: len(p[0]))
-            self._group, self._cached = g, pairs
+            pairs = [self.enc.encode(d) for d in docs[:n]]
+            # token weights: reading documents weigh their answers only; a text_share of them is
+            # read as plain text (every token predicted, non-answers with text_weight)
+            weighted = [as_text_document(p, self.cfg.text_weight if rng.random() < self.cfg.text_share else 0.0)
+                        for p in pairs]
+            self._group, self._cached = g, sorted(weighted, key=lambda p: len(p[0]))
         B = self.cfg.batch_size
-        return collate(self._cached[k * B: (k + 1) * B], self.pad_id)
+        chunk = self._cached[k * B: (k + 1) * B]
+        ids, _ = collate([(i, [0] * len(i)) for i, _ in chunk], self.pad_id)  # [B, T]
+        weights = torch.zeros(ids.shape)
+        for b, (_, w) in enumerate(chunk):
+            weights[b, : len(w)] = torch.tensor(w)
+        return ids, weights
 
 
 def lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the tokens whose label is not -100."""
     logits = model(input_ids=ids).logits  # [B, T, V]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def weighted_lm_loss(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token loss, each target token weighted (``weights`` [B, T], 0 = not predicted)."""
+    logits = model(input_ids=ids).logits  # [B, T, V]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")  # [B*(T-1)]
+    w = weights[:, 1:].flatten()
+    return (nll * w).sum() / w.sum().clamp_min(1e-8)
 
 
 def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicContext], out: str | Path,
@@ -392,14 +426,13 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
-    if tokenizer is None:
-        tok_dir = out / "tokenizer"
-        if (tok_dir / "tokenizer.json").exists():
+    if tokenizer is None:  # trained once, saved beside the model (a resumed run reloads it)
+        if (out / "tokenizer.json").exists() and (out / "checkpoint.pt").exists():
             from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            tokenizer = AutoTokenizer.from_pretrained(out)
         else:
             tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed), cfg.vocab_size)
-            tokenizer.save_pretrained(tok_dir)
+            tokenizer.save_pretrained(out)
     model = build_model(cfg, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -427,11 +460,11 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     t0 = time.perf_counter() - elapsed
     with open(log_path, "a") as logf:
         for step in bar:
-            ids, labels = stream.batch(step)  # [B, T]
+            ids, weights = stream.batch(step)  # [B, T]
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = lm_loss(model, ids, labels)
+                loss = weighted_lm_loss(model, ids, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -571,6 +604,8 @@ def _register_lm(sub) -> None:
         flag = "--" + f.replace("_", "-")
         if isinstance(v, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v, metavar="BOOL")
+        elif v is None or isinstance(v, dict):
+            p.add_argument(flag, type=json.loads, default=v, metavar="JSON")
         else:
             p.add_argument(flag, type=type(v), default=v)
 

@@ -65,7 +65,7 @@ class ModelConfig:
     """How the two are joined, and how samples become tokens."""
 
     projector_type: str = "mlp2x_gelu"  # "linear" (the paper) | "mlp2x_gelu" (LLaVA-1.5)
-    stage1_template: str = "plain"  # "plain" | "chat"
+    stage1_template: str = "chat"  # "chat": the paper's instruction + caption; "plain": LLaVA-1.5's bare caption
     stage2_template: str = "chat"
     max_len: int = 256  # tokens per sample, image tokens included
     lora: bool = False  # stage 2: LoRA adapters instead of the full language model
@@ -122,7 +122,7 @@ def _colab() -> Preset:
         world=WorldConfig(image_size=224, splits={"train": 5000, "val": 200, "test": 200}),
         vision=VisionConfig(encoder="ViT-B-16", pretrained="openai"),
         language=LanguageConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct", dtype="fp32"),
-        model=ModelConfig(stage1_template="plain", stage2_template="chat", max_len=512, lora=True, lora_r=64,
+        model=ModelConfig(max_len=512, lora=True, lora_r=64,
                           lora_alpha=128),
         # sized for one T4 (16 GB, fp16): micro-batches of 8 with accumulation
         stage1=TrainConfig(stage=1, lr=1e-3, batch_size=64, grad_accum=8, precision="fp16"),

@@ -227,3 +227,22 @@ def describe(model, template, tokenizer, images: Sequence[str], features: Callab
                               extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])})
     finally:
         model.train(was)
+
+
+def ask_reader(lm, template: Template, tokenizer, items: Sequence[Item], contexts: dict, batch_size: int = 64,
+               progress: bool = False) -> list[str]:
+    """The language model alone, reading each item's symbolic context (its object lines) as text
+    in the place where LLaVA puts the image: the paper's text-only row. ``contexts`` maps an image
+    file name to its :class:`~llava_lite.coco.SymbolicContext`."""
+    from .backbones import object_lines
+
+    prompts = [template.prompt([{"from": "human", "value": f"{object_lines(contexts[it.image])}\n{it.question}"}], it.sample_id)
+               for it in items]
+    was = lm.training
+    lm.eval()
+    try:
+        return greedy_replies(lm.generate, prompts, tokenizer.pad_token_id, _stop_id(tokenizer),
+                              lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
+                              returns_prompt=True, progress=progress)
+    finally:
+        lm.train(was)

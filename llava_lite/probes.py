@@ -37,7 +37,8 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
     """Image->caption recall@k among ``group`` candidates.
 
     ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``, R captions per scene (rounds).
-    Scenes beyond the last full group are left out. Returns ``{"r@1": .., "r@5": .., "n": ..}``.
+    Scenes beyond the last full group are left out. Only captions scored strictly higher than the
+    right one count against it: an exact tie means the same text (two scenes captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
     """
     n, rounds = caption_emb.shape[0], caption_emb.shape[1]
     if n < group:
@@ -52,7 +53,7 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
             gc = cap[start:start + group, r]  # [G, D]
             sim = gi @ gc.T  # [G, G]: image i vs caption j
             own = sim.diagonal().unsqueeze(1)  # [G, 1]
-            rank = (sim >= own).sum(dim=1) - 1  # other captions scored at least as high (ties count against)
+            rank = (sim > own).sum(dim=1)  # captions scored strictly above the right one
             for k in ks:
                 hits[k] += int((rank < k).sum())
             total += group

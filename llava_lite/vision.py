@@ -141,6 +141,8 @@ class VisionTower(nn.Module):
         import open_clip
 
         folder = SHIPPED.get(name, Path(name))
+        if name in SHIPPED and not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: the shipped {name} is missing (retrain it: llava-lite backbones clip)")
         if folder.is_dir():
             folder = folder.resolve()
             model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
@@ -197,7 +199,7 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` pixels -> ``[B, num_patches, width]`` hidden states of the chosen layer."""
         out = self.visual.forward_intermediates(
-            pixels.to(self.mean.dtype), indices=[self.block_index], stop_early=True, intermediates_only=True,
+            pixels.to(self.visual.conv1.weight.dtype), indices=[self.block_index], stop_early=True, intermediates_only=True,
             output_fmt="NLC", output_extra_tokens=self.keep_cls,
         )
         tokens = out["image_intermediates"][0]  # [B, grid*grid, width] (CLS already split off)

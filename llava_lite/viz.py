@@ -103,3 +103,50 @@ def instruction_stats(samples: Sequence[dict]):
     ax[3].set(title="first word of questions")
     fig.tight_layout()
     return fig
+
+
+def show_patch_words(image_path: str | Path, words: Sequence[str], size: float = 6.0):
+    """The image under a grid of one word per patch token (row-major, as the tower emits them)."""
+    import math
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    grid = int(math.isqrt(len(words)))
+    if grid * grid != len(words):
+        raise ValueError(f"{len(words)} words do not make a square grid of patches")
+    img = Image.open(image_path).convert("RGB")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(2 * size, size))
+    a.imshow(img)
+    a.set_title("the image")
+    b.imshow(img, extent=(0, grid, grid, 0), alpha=0.35)
+    for k, w in enumerate(words):
+        r, c = divmod(k, grid)
+        b.text(c + 0.5, r + 0.5, w, ha="center", va="center", fontsize=max(4, 60 / grid))
+    b.set_xticks(range(grid + 1))
+    b.set_yticks(range(grid + 1))
+    b.grid(True, lw=0.3)
+    b.set_title("nearest word of each projected patch")
+    for ax in (a, b):
+        ax.tick_params(labelbottom=False, labelleft=False)
+    fig.tight_layout()
+    return fig
+
+
+def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, scale: float = 3.0):
+    """Scenes with a question, the model's reply and the truth (green when right, red when wrong)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    nrows = max(1, -(-len(recs) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.9)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, recs):
+        ax.imshow(Image.open(Path(image_dir) / r["image"]).convert("RGB"))
+        ax.set_title(textwrap.fill(r["question"], 34), fontsize=7)
+        colour = "#1a7f37" if r["correct"] else "#cf222e"
+        ax.text(0, -0.04, f"model: {r['reply'] or '∅'}\ntruth: {r['answer']}", transform=ax.transAxes, va="top",
+                fontsize=8, color=colour)
+    fig.tight_layout()
+    return fig

@@ -106,3 +106,14 @@ def test_unknown_image_id_names_the_folder(split, tmp_path):
     folder = extract(t, inst, images, tmp_path / "f", progress=False)
     with pytest.raises(KeyError, match="424242"):
         FeatureReader(folder)[424242]
+
+
+def test_cli_caches_a_split_with_the_presets_tower_in_a_folder_named_by_its_key(small_world, tmp_path):
+    from llava_lite import cli
+
+    out = tmp_path / "features"
+    assert cli.main(["features", "--preset", "tiny", "--split", "train", "--world", str(small_world),
+                     "--out", str(out), "--batch-size", "16", "--shard-size", "32"]) == 0
+    tower = VisionTower.load("tiny-clip")
+    reader = FeatureReader(cache_folder(out, tower, "train"), expect_key=tower.cache_key)
+    assert len(reader) == 60 and reader.tokens == 64 and "layer-2__nocls" in reader.cache_key
