@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "llava_lite.validate",
     "llava_lite.backbones",
     "llava_lite.features",
+    "llava_lite.pipeline",
     "llava_lite.tutorial",
 ]
 

@@ -86,7 +86,7 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
 
 
 def run_stage(preset: Preset, layout: Layout, model: LlavaLite, tokenizer, feats, stage: int, samples: list[dict],
-              out: Path, resume: bool = False, progress: bool = True, **overrides) -> dict:
+              out: Path, resume: bool = False, progress: bool = True, accelerator=None, **overrides) -> dict:
     """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
     from dataclasses import replace
 
@@ -96,19 +96,113 @@ def run_stage(preset: Preset, layout: Layout, model: LlavaLite, tokenizer, feats
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
     log.info("stage %d: %s", stage, dict(stats))
     collate = Collator(tokenizer.pad_token_id, features=feats)
-    summary = train(model, examples, collate, cfg, out, resume=resume, progress=progress)
+    summary = train(model, examples, collate, cfg, out, resume=resume, progress=progress, accelerator=accelerator)
     summary["examples"] = dict(stats)
-    model.config.save(out)
     return summary
 
 
-def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None) -> LlavaLite:
-    """Load the stage-1 projector (checked against this model) and add LoRA if the preset asks."""
+def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None, lora: bool | None = None) -> LlavaLite:
+    """Load the stage-1 projector (checked against this model) and add LoRA adapters when
+    ``lora`` (default: the preset's choice) says so."""
     from .train import load_trained
 
     if stage1_checkpoint is not None:
         LlavaConfig.load(stage1_checkpoint).check_compatible(model.config, f"stage-1 checkpoint {stage1_checkpoint}")
         load_trained(model, stage1_checkpoint)
-    if preset.model.lora:
+    if preset.model.lora if lora is None else lora:
         apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
     return model
+
+
+def load_stage(preset: Preset, checkpoint: Path, tower=None):
+    """A trained model back from a checkpoint folder: ``(model, tokenizer)``. LoRA adapters are
+    put in place first when the checkpoint holds them."""
+    from safetensors import safe_open
+
+    from .train import load_trained
+
+    checkpoint = Path(checkpoint)
+    tower = tower or load_vision(preset.vision)
+    lm, tokenizer = load_language(preset.language)
+    model = build_llava(preset, lm, tokenizer, tower)
+    LlavaConfig.load(checkpoint).check_compatible(model.config, f"checkpoint {checkpoint}")
+    with safe_open(str(checkpoint / "trainable.safetensors"), "pt") as f:
+        if any("lora_" in k for k in f.keys()):
+            apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
+    load_trained(model, checkpoint)
+    return model, tokenizer
+
+
+def register_cli(sub) -> None:
+    t = sub.add_parser("train", help="stage 1 (projector) or stage 2 (projector + language model)")
+    t.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--out", type=Path, help="run folder (default outputs/<preset>/checkpoints/stage<N>)")
+    t.add_argument("--stage1", type=Path, help="stage 2: the stage-1 checkpoint (default: the latest stage-1 run)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--max-steps", type=int, default=0)
+    t.add_argument("--lora", action=argparse_bool(), default=None, help="stage 2: LoRA adapters (default: the preset's)")
+    t.add_argument("--blind", action="store_true", help="train without image tokens (the blind baseline)")
+
+    def run_train(args):
+        from .config import get_preset
+        from .train import latest_checkpoint, make_accelerator
+
+        preset = get_preset(args.preset)
+        layout = Layout.for_preset(args.preset)
+        acc = make_accelerator((preset.stage1 if args.stage == 1 else preset.stage2).precision)
+        tower = load_vision(preset.vision)
+        with acc.main_process_first():
+            feats = None if args.blind else features(layout, "train", tower, progress=acc.is_main_process)
+        lm, tokenizer = load_language(preset.language)
+        model = build_llava(preset, lm, tokenizer, tower)
+        out = args.out or run_dir(layout, args.stage, "blind" if args.blind else "")
+        samples = stage_samples(layout, "train", args.stage)
+        if args.stage == 2:
+            from .evaluate import blind_samples
+
+            ckpt = args.stage1 or latest_checkpoint(run_dir(layout, 1))
+            if ckpt is None and not args.blind:
+                raise FileNotFoundError(f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first")
+            prepare_stage2(preset, model, None if args.blind else ckpt, args.lora)
+            samples = blind_samples(samples) if args.blind else samples
+        overrides = {"max_steps": args.max_steps} if args.max_steps else {}
+        summary = run_stage(preset, layout, model, tokenizer, feats, args.stage, samples, out, resume=args.resume,
+                            accelerator=acc, **overrides)
+        log.info("stage %d done: %s", args.stage, {k: summary[k] for k in ("steps", "seconds", "last")})
+
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("evaluate", help="the exact-answer score of a trained model on a split")
+    e.add_argument("--preset", default="tiny")
+    e.add_argument("--checkpoint", type=Path, help="default: the latest stage-2 checkpoint")
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", type=Path, help="per-question records (JSON); default beside the checkpoint")
+
+    def run_eval(args):
+        from . import evaluate as ev
+        from .config import get_preset
+        from .train import latest_checkpoint
+
+        preset = get_preset(args.preset)
+        layout = Layout.for_preset(args.preset)
+        ckpt = args.checkpoint or latest_checkpoint(run_dir(layout, 2))
+        if ckpt is None:
+            raise FileNotFoundError(f"no stage-2 checkpoint under {run_dir(layout, 2)}; pass --checkpoint")
+        tower = load_vision(preset.vision)
+        model, tokenizer = load_stage(preset, ckpt, tower)
+        items = ev.exact_items(io.read_json(layout.instruct / f"{args.split}.json"))
+        template = get_template(preset.model.stage2_template, tokenizer)
+        recs = ev.records(items, ev.ask_llava(model, template, tokenizer, items, features(layout, args.split, tower), progress=True))
+        summary = ev.score(recs)
+        ev.save(args.out or Path(ckpt) / f"exact_{args.split}.json", recs, summary)
+        log.info("exact-answer accuracy on %s: %.3f %s", args.split, summary["overall"],
+                 {k: round(v, 3) for k, v in summary["accuracy"].items()})
+
+    e.set_defaults(func=run_eval)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction

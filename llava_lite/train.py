@@ -81,6 +81,16 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
+def make_accelerator(precision: str = "auto"):
+    """An ``accelerate.Accelerator`` for this machine: the GPU when there is one, mixed precision as
+    :func:`pick_precision` decides. Under ``torchrun`` / ``accelerate launch`` it joins the process group."""
+    from accelerate import Accelerator
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = pick_precision(precision, torch.device(device_type))
+    return Accelerator(cpu=device_type == "cpu", mixed_precision="no" if chosen == "fp32" else chosen)
+
+
 # ------------------------------------------------------------------ checkpoints
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -146,15 +156,10 @@ def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
 def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = False, accelerator=None, progress: bool = True) -> dict:
     """Train ``model`` on ``examples``; returns a summary (steps, last loss, seconds, padding share)."""
-    from accelerate import Accelerator
-
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    if accelerator is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = pick_precision(cfg.precision, torch.device(device_type))
-        accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    accelerator = accelerator or make_accelerator(cfg.precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}")

@@ -52,6 +52,14 @@ def test_last_layer_with_cls_matches_hook_on_last_block():
     torch.testing.assert_close(got, block_output(t, x, -1))
 
 
+def test_last_layer_cls_token_through_ln_post_and_proj_is_clips_image_embedding():
+    t = tower(layer=-1, keep_cls=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls_tok = t(x)[:, 0]  # [B, W]
+        torch.testing.assert_close(t.visual.ln_post(cls_tok) @ t.visual.proj, t.visual(x))
+
+
 def test_cache_key_changes_with_layer_cls_and_weights():
     keys = {tower().cache_key, tower(layer=-1).cache_key, tower(keep_cls=True).cache_key,
             VisionTower.from_config(TINY_CFG, seed=1).cache_key}
