@@ -214,10 +214,11 @@ class ChatEncoder:
         return self.encode(messages)[0] + [self.assistant]
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[B, T]`` ids and labels (padding is -100 in labels). Causal attention never
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, T]`` ids and labels (padding is -100 in labels), ``T`` a multiple of
+    ``multiple`` (few distinct shapes keep the CPU kernels' caches small). Causal attention never
     looks right, so right padding needs no attention mask."""
-    T = max(len(i) for i, _ in pairs)
+    T = -(-max(len(i) for i, _ in pairs) // multiple) * multiple
     ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), T), -100, dtype=torch.long)
     for b, (i, l) in enumerate(pairs):
@@ -520,6 +521,22 @@ def heldout_perplexity(model, tokenizer, contexts: Sequence[SymbolicContext], qa
         count += n
     model.train(was_training)
     return math.exp(total / max(1, count))
+
+
+def export_checkpoint(out: str | Path) -> tuple:
+    """Save the model of ``out/checkpoint.pt`` (a run stopped early) with ``save_pretrained``
+    beside its tokenizer, keeping the checkpoint so the run can still be resumed.
+    Returns ``(model, tokenizer, step)``."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = build_model(LMConfig(**state["config"]), tokenizer)
+    model.load_state_dict(state["model"])
+    model.eval()
+    model.save_pretrained(out)
+    return model, tokenizer, state["step"]
 
 
 # ------------------------------------------------------------------------------ report

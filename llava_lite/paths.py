@@ -20,7 +20,8 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DATA_DIR = REPO_DIR / "data"
-PRETRAINED_DIR = DATA_DIR / "pretrained"
+# the shipped tiny backbones; LLAVA_LITE_PRETRAINED points at a folder of your own retrained ones
+PRETRAINED_DIR = Path(os.environ.get("LLAVA_LITE_PRETRAINED", DATA_DIR / "pretrained"))
 PROMPTS_DIR = DATA_DIR / "prompts"
 
 

@@ -150,3 +150,21 @@ def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, sc
                 fontsize=8, color=colour)
     fig.tight_layout()
     return fig
+
+
+def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
+    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.patches.pca_rgb`)."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale), squeeze=False)
+    for i, (img, m) in enumerate(zip(images, maps)):
+        axes[0, i].imshow(img)
+        axes[1, i].imshow(m, interpolation="nearest")
+        if i < len(titles):
+            axes[0, i].set_title(titles[i], fontsize=8)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    axes[1, 0].set_title("patch features, 3 principal components as RGB", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig

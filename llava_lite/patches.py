@@ -1,0 +1,80 @@
+"""What patch tokens hold: which object covers each patch, a per-patch linear probe, and a PCA
+colour map of patch features (notebook 02 compares the last and the penultimate layer with them).
+
+Patch ``k`` of a ``grid x grid`` tower covers row ``k // grid``, column ``k % grid`` of the image
+(row-major, the order open_clip emits them).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .facts import COLOURS, SHAPES, Obj
+
+CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES)}
+
+
+def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour") -> torch.Tensor:
+    """``[N, grid*grid]`` class ids: the ``attr`` of the object whose box holds the patch's centre,
+    0 (background) where none does."""
+    names = CLASSES[attr]
+    out = torch.zeros(len(scenes), grid * grid, dtype=torch.long)
+    centres = (torch.arange(grid) + 0.5) / grid
+    for i, objs in enumerate(scenes):
+        for o in objs:
+            value = o.colour if attr == "colour" else o.kind
+            x1, y1, x2, y2 = o.box
+            rows = ((centres >= y1) & (centres <= y2)).nonzero().flatten()
+            cols = ((centres >= x1) & (centres <= x2)).nonzero().flatten()
+            for r in rows.tolist():
+                for c in cols.tolist():
+                    out[i, r * grid + c] = names.index(value)
+    return out
+
+
+def patch_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                l2: float = 1e-4, steps: int = 100) -> dict[str, float]:
+    """A softmax linear probe on single patch features ``[N, P, D]`` -> class ``[N, P]``.
+
+    Returns accuracy on all test patches, on object patches only (background is the easy
+    majority), and the majority-class baseline.
+    """
+    d = train_x.shape[-1]
+    xtr, ytr = train_x.reshape(-1, d).float(), train_y.reshape(-1)
+    xte, yte = test_x.reshape(-1, d).float(), test_y.reshape(-1)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    k = int(max(ytr.max(), yte.max())) + 1
+    w = torch.zeros(d, k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, ytr) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = (xte @ w + b).argmax(-1)
+        obj = yte != 0
+        majority = torch.bincount(ytr, minlength=k).argmax()
+    return {"accuracy": (pred == yte).float().mean().item(),
+            "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else float("nan"),
+            "majority": (yte == majority).float().mean().item()}
+
+
+def pca_rgb(features: torch.Tensor) -> torch.Tensor:
+    """``[P, D]`` patch features -> ``[grid, grid, 3]`` in 0..1: the first three principal
+    components as red, green and blue (patches that look alike to the tower get alike colours)."""
+    x = features.float() - features.float().mean(0)
+    _, _, v = torch.pca_lowrank(x, q=3, center=False)
+    comp = x @ v[:, :3]  # [P, 3]
+    lo, hi = comp.min(0).values, comp.max(0).values
+    comp = (comp - lo) / (hi - lo + 1e-8)
+    grid = int(round(features.shape[0] ** 0.5))
+    return comp.reshape(grid, grid, 3)

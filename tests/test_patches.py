@@ -1,0 +1,30 @@
+"""Per-patch labels, the per-patch probe and the PCA map."""
+import torch
+
+from llava_lite import patches
+from llava_lite.facts import Obj
+
+
+def test_patch_labels_mark_the_patches_whose_centre_lies_in_a_box():
+    objs = [Obj("red circle", (0.0, 0.0, 0.5, 0.5)), Obj("blue square", (0.74, 0.74, 1.0, 1.0))]
+    colour = patches.patch_labels([objs], grid=4, attr="colour")[0].reshape(4, 4)
+    red, blue = patches.CLASSES["colour"].index("red"), patches.CLASSES["colour"].index("blue")
+    assert colour[:2, :2].eq(red).all() and colour[3, 3] == blue
+    assert (colour == 0).sum() == 16 - 4 - 1
+    shape = patches.patch_labels([objs], grid=4, attr="shape")[0]
+    assert shape.max() == patches.CLASSES["shape"].index("square")
+
+
+def test_patch_probe_separates_classes_that_are_linearly_apart_and_reports_chance():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (40, 16), generator=g)
+    x = torch.randn(40, 16, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()
+    res = patches.patch_probe(x[:30], y[:30], x[30:], y[30:])
+    assert res["accuracy"] > 0.99 and res["majority"] < 0.5
+    noise = patches.patch_probe(torch.randn(30, 16, 8, generator=g), y[:30], torch.randn(10, 16, 8, generator=g), y[30:])
+    assert noise["accuracy"] < 0.6
+
+
+def test_pca_map_is_a_square_rgb_image_in_unit_range():
+    m = patches.pca_rgb(torch.randn(64, 32))
+    assert m.shape == (8, 8, 3) and m.min() >= 0 and m.max() <= 1
