@@ -104,9 +104,10 @@ class Preset:
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32))
-    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=2e-4, lm_lr=2e-4, batch_size=16,
-                                                                     group_by_length=True))
+    # the tiny preset's schedules, sized for minutes on two CPU cores
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=5e-4, lm_lr=5e-4, batch_size=16,
+                                                                     max_steps=500, group_by_length=True))
 
     def replace(self, **changes) -> "Preset":
         return dataclasses.replace(self, **changes)
