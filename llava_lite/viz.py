@@ -31,7 +31,7 @@ def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncol
             ax.text(x1, y1 - 0.01, o.name, fontsize=6, va="bottom", color=BOX_COLOUR)
         text = "\n".join(textwrap.fill(c, 34) for c in ctx.captions[:captions])
         ax.set_title(f"image {ctx.image_id}", fontsize=8)
-        ax.text(0, 1.03, text, fontsize=7, va="top", transform=ax.transAxes)
+        ax.text(0, -0.02, text, fontsize=7, va="top", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 

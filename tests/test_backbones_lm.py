@@ -108,12 +108,12 @@ def test_reading_document_loss_mask_covers_exactly_the_answers(small_tokenizer):
 def test_pretrain_lm_smoke_loss_falls_and_saves_loadable_model(small_tokenizer, tmp_path):
     tok, contexts = small_tokenizer
     cfg = bb.LMConfig(lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64, steps=30, batch_size=6, lr=3e-3,
-                      warmup=5, eval_every=30, eval_scenes=5, checkpoint_every=15, qa_per_doc=3, threads=2)
+                      warmup=5, eval_every=30, eval_scenes=5, checkpoint_every=15, qa_per_doc=3, threads=1)
     model, _, metrics = bb.pretrain_lm(contexts[:100], contexts[100:], tmp_path, cfg, tokenizer=tok, progress=False)
     train, evals = bb.read_log(tmp_path / "log.jsonl")
     assert len(train) == 30 and len(evals) == 1
     first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
     loaded, loaded_tok = bb.load_tiny_lm(tmp_path)
     ids = torch.tensor([loaded_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
                                                        add_generation_prompt=True, return_dict=False)])

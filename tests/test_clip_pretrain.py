@@ -6,6 +6,7 @@ import random
 from dataclasses import asdict
 
 import open_clip
+import pytest
 import torch
 
 from llava_lite import world
@@ -57,6 +58,7 @@ def test_linear_probe_beats_majority_on_separable_labels():
     assert r["accuracy"] > 0.95 and r["majority"] < 0.7
 
 
+@pytest.mark.slow
 def test_tiny_clip_trains_at_smoke_size_and_saves_in_open_clip_format(tmp_path):
     wcfg = WorldConfig(image_size=32, splits={"pretrain": 64}, seed=5)
     world.generate(wcfg, tmp_path / "world", progress=False)
