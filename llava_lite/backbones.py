@@ -6,9 +6,12 @@ added. Its pretraining text is chat documents in the layout stage 2 uses::
 
     <|user|>{object lines}\\n{question}<|end|><|assistant|>{answer}<|end|><|user|>{question}<|end|>...
 
-with the loss on the assistant turns only. In stage 2 the object lines are replaced by
-``<image>`` tokens in exactly that place. A share of documents asks for a caption instead
-("Describe the image briefly."), which stage 1 needs.
+with the loss on the assistant turns (answer and ``<|end|>``). In stage 2 the object lines are
+replaced by ``<image>`` tokens in exactly that place. The pretraining mix adds: a share of
+documents asking for a caption ("Describe the image briefly."), which stage 1 needs; grounding
+questions ("Where is the red circle?" -> its box), which drill finding a line by its name; and
+documents also read as plain text (every token predicted, the non-answer ones with a small
+weight). ``data/pretrained/tiny-lm/README.md`` records what each lever measured.
 
 ``llava-lite backbones lm`` trains it; :func:`text_only_accuracy` scores it on held-out scenes
 (the analogue of the paper's text-only GPT-4 row). The tiny CLIP lives in
@@ -24,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence

@@ -427,7 +427,7 @@ seed {cfg.seed}; {cfg.steps} steps of batch {cfg.batch_size}; AdamW lr {cfg.lr},
 {int(cfg.describe_prob * 100)}% of texts are a description naming every object (colour, shape, size),
 {int(cfg.shape_prob * 100)}% one naming every object by shape and size only, the rest one of the
 world's five captions. Training took {m['train_seconds'] / 60:.1f} min ({m['ms_per_step']} ms/step,
-{m['threads']} CPU threads); {m['total_seconds'] / 60:.1f} min in all with loading and measuring.
+torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with loading and measuring.
 `train_log.jsonl` has every step, `loss.png` the curves, `metrics.json` the numbers below.
 
 ## Measured on {m['heldout_scenes']} freshly drawn held-out scenes
@@ -466,10 +466,11 @@ def register_cli_clip(sub) -> None:
         if not (world_dir / "annotations" / "instances_pretrain.json").exists():
             log.info("no pretrain split in %s: generating the world", world_dir)
             world.generate(preset.world, world_dir)
-        fields = {k: getattr(args, k) for k in asdict(d) if hasattr(args, k)}
+        fields = {k: getattr(args, k) for k in asdict(d) if hasattr(args, k) and k != "world"}
         cfg = ClipTrainConfig(**{**fields, "world": asdict(preset.world)})
         command = "llava-lite backbones clip " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in fields.items() if k != "bf16") + ("" if cfg.bf16 else " --no-bf16")
+        command += f" --preset {args.preset}" + (f" --world {args.world}" if args.world else "")
         m = train(cfg, world_dir, Path(args.out), command)
         log.info("tiny CLIP written to %s: r@1 %.3f, shape probe %.3f", args.out, m["retrieval"]["r@1"],
                  m["probe_layer-2"]["shape"]["accuracy"])
