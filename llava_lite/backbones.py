@@ -321,27 +321,16 @@ def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], pe
     enc = ChatEncoder(tokenizer)
     items = eval_questions(contexts, per_scene, seed)
     prompts = [enc.prompt([{"role": "user", "content": f"{object_lines(c)}\n{qa.question}"}]) for c, qa in items]
-    end_id, pad_id = enc.end, tokenizer.pad_token_id
+    from .evaluate import greedy_replies
+
     was_training = model.training
     model.eval()
-    replies = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    for s in tqdm(range(0, len(order), batch_size), desc="text-only eval", disable=not progress):
-        idx = order[s: s + batch_size]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # [B, T], left padded
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, T - len(prompts[i]):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=end_id, pad_token_id=pad_id, use_cache=True)  # [B, T + new]
-        for b, i in enumerate(idx):
-            new = out[b, T:].tolist()
-            new = new[: new.index(end_id)] if end_id in new else new
-            replies.append((i, tokenizer.decode(new, skip_special_tokens=True)))
-    model.train(was_training)
-    replies = [r for _, r in sorted(replies)]
+    try:
+        replies = greedy_replies(model.generate, prompts, tokenizer.pad_token_id, enc.end,
+                                 lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
+                                 max_new_tokens=max_new_tokens, returns_prompt=True, progress=progress)
+    finally:
+        model.train(was_training)
 
     per_type, answers = defaultdict(list), defaultdict(Counter)
     for (ctx, qa), reply in zip(items, replies):
@@ -563,7 +552,7 @@ def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> No
     sm = [sum(loss[max(0, i - smooth + 1): i + 1]) / len(loss[max(0, i - smooth + 1): i + 1]) for i in range(len(loss))]
     a.plot(steps, loss, alpha=0.25, color="C0")
     a.plot(steps, sm, color="C0")
-    a.set(xlabel="step", ylabel="loss on answer tokens", yscale="log", title="pretraining loss")
+    a.set(xlabel="step", ylabel="training loss (answers + weighted text)", yscale="log", title="pretraining loss")
     for t in ("overall",) + QTYPES:
         key = f"eval_{t}"
         pts = [(r["step"], r[key]) for r in evals if key in r]
