@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .facts import COLOURS, SHAPES, Obj
+from .probes import fit_linear, standardise
 
 CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES)}
 
@@ -44,21 +45,9 @@ def patch_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     d = train_x.shape[-1]
     xtr, ytr = train_x.reshape(-1, d).float(), train_y.reshape(-1)
     xte, yte = test_x.reshape(-1, d).float(), test_y.reshape(-1)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    xtr, xte = standardise(xtr, xte)
     k = int(max(ytr.max(), yte.max())) + 1
-    w = torch.zeros(d, k, requires_grad=True)
-    b = torch.zeros(k, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(xtr @ w + b, ytr) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    w, b = fit_linear(xtr, k, lambda logits: F.cross_entropy(logits, ytr), l2, steps)
     with torch.no_grad():
         pred = (xte @ w + b).argmax(-1)
         obj = yte != 0

@@ -60,6 +60,29 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
     return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
 
 
+def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets scaled by the training set's mean and spread (per feature)."""
+    mu, sd = train_x.float().mean(0), train_x.float().std(0) + 1e-6
+    return (train_x.float() - mu) / sd, (test_x.float() - mu) / sd
+
+
+def fit_linear(x: torch.Tensor, out_dim: int, loss_fn, l2: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, b)`` of a linear map ``x @ w + b`` minimising ``loss_fn(logits) + l2 * |w|^2`` (L-BFGS)."""
+    w = torch.zeros(x.shape[1], out_dim, requires_grad=True)
+    b = torch.zeros(out_dim, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(x @ w + b) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  l2: float = 1e-3, steps: int = 200) -> dict[str, float]:
     """Fit a multi-label logistic regression on ``[N, D]`` features and ``[N, K]`` 0/1 labels.
@@ -68,21 +91,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     (scene, label) pair, the share of test scenes with every label right, and the accuracy of
     always answering each label's majority value (the baseline to beat).
     """
-    mu, sd = train_x.float().mean(0), train_x.float().std(0) + 1e-6
-    xtr, xte = (train_x.float() - mu) / sd, (test_x.float() - mu) / sd
+    xtr, xte = standardise(train_x, test_x)
     ytr, yte = train_y.float(), test_y.float()
-    w = torch.zeros(xtr.shape[1], ytr.shape[1], requires_grad=True)
-    b = torch.zeros(ytr.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xtr @ w + b, ytr) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    w, b = fit_linear(xtr, ytr.shape[1], lambda logits: F.binary_cross_entropy_with_logits(logits, ytr), l2, steps)
     with torch.no_grad():
         pred = (xte @ w + b) > 0  # [N, K]
         right = pred == yte.bool()
