@@ -15,6 +15,7 @@ rest. A corrupt image raises an error naming the file, before its shard is writt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -63,8 +64,20 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def _shard_done(path: Path, cache_key: str, ids: list[int]) -> bool:
-    """A shard on disk counts as finished only if it holds exactly the planned ids of this tower."""
+def _images_digest(image_dir: Path, recs: Sequence[ImageRecord]) -> str:
+    """A fingerprint of a shard's image files' bytes: a redrawn world (same ids, other pictures)
+    never reuses old features."""
+    h = hashlib.sha1()
+    for r in recs:
+        path = image_dir / r.file_name
+        h.update(r.file_name.encode())
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def _shard_done(path: Path, cache_key: str, ids: list[int], digest: str) -> bool:
+    """A shard on disk counts as finished only if it holds exactly the planned ids of this tower,
+    computed from these very image files."""
     if not path.is_file():
         return False
     try:
@@ -73,7 +86,8 @@ def _shard_done(path: Path, cache_key: str, ids: list[int]) -> bool:
     except Exception as e:  # a damaged shard is recomputed, not trusted
         log.warning("%s: unreadable shard (%s); recomputing it", path, e)
         return False
-    return meta.get("cache_key") == cache_key and json.loads(meta.get("image_ids", "[]")) == ids
+    return (meta.get("cache_key") == cache_key and json.loads(meta.get("image_ids", "[]")) == ids
+            and meta.get("images_sha1") == digest)
 
 
 @torch.no_grad()
@@ -86,8 +100,9 @@ def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Pat
     records = split_images(instances_json)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
+    digests = [_images_digest(image_dir, recs) for recs in shards]
     todo = [k for k, recs in enumerate(shards)
-            if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs])]
+            if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs], digests[k])]
     if len(todo) < len(shards):
         log.info("%s: %d of %d shards already done", out_dir, len(shards) - len(todo), len(shards))
     tower.eval()
@@ -103,7 +118,7 @@ def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Pat
             bar.update(len(chunk))
         feats = torch.cat(parts)  # [n, P, D]
         ids = [r.image_id for r in recs]
-        meta = {"format": FORMAT, "cache_key": tower.cache_key, "image_ids": json.dumps(ids)}
+        meta = {"format": FORMAT, "cache_key": tower.cache_key, "image_ids": json.dumps(ids), "images_sha1": digests[k]}
         with io.atomic_path(out_dir / _shard_name(k)) as tmp:
             save_file({"features": feats, "image_ids": torch.tensor(ids, dtype=torch.int64)}, str(tmp), metadata=meta)
     bar.close()

@@ -117,3 +117,18 @@ def test_cli_caches_a_split_with_the_presets_tower_in_a_folder_named_by_its_key(
     tower = VisionTower.load("tiny-clip")
     reader = FeatureReader(cache_folder(out, tower, "train"), expect_key=tower.cache_key)
     assert len(reader) == 60 and reader.tokens == 64 and "layer-2__nocls" in reader.cache_key
+
+
+def test_a_redrawn_world_with_the_same_ids_is_recomputed_not_reused(tmp_path):
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    world.generate(WorldConfig(image_size=32, splits={"train": 6}, seed=3), root_a, progress=False)
+    world.generate(WorldConfig(image_size=32, splits={"train": 6}, seed=4), root_b, progress=False)
+    t = VisionTower.from_config(TINY_CFG)
+    out = cache_folder(tmp_path / "features", t, "train")
+    extract(t, root_a / "annotations" / "instances_train.json", root_a / "train", out, shard_size=4, progress=False)
+    calls = count_forwards(t)
+    # same image ids and file names, other pictures: nothing of the old cache may be served
+    extract(t, root_b / "annotations" / "instances_train.json", root_b / "train", out, shard_size=4, progress=False)
+    assert sum(calls) == 6
+    fresh = t.encode([root_b / "train" / r.file_name for r in split_images(root_b / "annotations" / "instances_train.json")])
+    torch.testing.assert_close(FeatureReader(out).get_many(list(range(1, 7))).float(), fresh, atol=2e-3, rtol=2e-3)

@@ -153,3 +153,17 @@ def test_caption_samples_use_a_brief_instruction_and_a_real_caption():
     q = s["conversations"][0]["value"].replace("<image>", "").strip()
     assert q in symbolic.BRIEF_INSTRUCTIONS and len(symbolic.BRIEF_INSTRUCTIONS) >= 11
     assert s["conversations"][1]["value"] in ctx.captions
+
+
+def test_instruction_data_is_rebuilt_when_the_world_is_redrawn(tmp_path):
+    from llava_lite import io
+    from llava_lite.paths import Layout
+    from llava_lite.teachers import instruct
+
+    layout = Layout(tmp_path)
+    world.generate(WorldConfig(splits={"val": 5}, seed=1), layout.world, progress=False)
+    first = io.read_json(instruct.build_split(layout, "val"))
+    world.generate(WorldConfig(splits={"val": 5}, seed=2), layout.world, progress=False)  # same ids, new scenes
+    second = io.read_json(instruct.build_split(layout, "val"))
+    assert [s["id"] for s in first] == [s["id"] for s in second] and first != second
+    assert io.read_json(instruct.build_split(layout, "val")) == second  # unchanged world: kept as it is

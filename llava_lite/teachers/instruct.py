@@ -8,6 +8,7 @@ reading text); the other splits get every type.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -33,7 +34,8 @@ def build_split(layout: Layout, split: str, seed: int = 0, teacher: str = "symbo
     stats_path = layout.instruct / f"{split}.stats.json"
     kinds = tuple(kinds or kinds_for(split))
     contexts = load_contexts(layout.instances(split), layout.captions(split))[:limit]
-    want = {"teacher": teacher, "seed": seed, "kinds": list(kinds), "contexts": len(contexts)}
+    world = hashlib.sha1(layout.instances(split).read_bytes() + layout.captions(split).read_bytes()).hexdigest()
+    want = {"teacher": teacher, "seed": seed, "kinds": list(kinds), "contexts": len(contexts), "world_sha1": world}
     if out.exists() and stats_path.exists() and io.read_json(stats_path).get("made_with") == want:
         log.info("instruction data for %s is up to date: %s", split, out)
         return out
