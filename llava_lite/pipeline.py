@@ -49,13 +49,16 @@ def load_vision(cfg: VisionConfig):
     return VisionTower.load(cfg.encoder, cfg.pretrained, layer=cfg.layer, keep_cls=cfg.keep_cls)
 
 
-def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False) -> LlavaLite:
-    """A fresh LLaVA (untrained projector) over ``lm`` and ``tower``'s features."""
+def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, seed: int | None = None) -> LlavaLite:
+    """A fresh LLaVA over ``lm`` and ``tower``'s features; its untrained projector is drawn from
+    ``seed`` (default: the stage-1 seed), so the same preset always starts from the same weights."""
     image_id = add_image_token(tokenizer, lm)
     cfg = LlavaConfig(vision_key=tower.cache_key, vision_dim=tower.width, num_image_tokens=tower.num_patches,
                       lm_name=preset.language.name, lm_dim=lm.config.hidden_size,
                       projector_type=preset.model.projector_type, image_token_id=image_id)
-    return LlavaLite(cfg, lm, vision=tower if with_tower else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.stage1.seed if seed is None else seed)
+        return LlavaLite(cfg, lm, vision=tower if with_tower else None)
 
 
 def features(layout: Layout, split: str, tower, progress: bool = True):

@@ -183,3 +183,24 @@ def test_length_grouped_batches_waste_less_on_padding():
     grouped = plan_batches(lengths, 16, 0, 0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
     assert padding_share(grouped, lengths) < 0.5 * padding_share(plain, lengths)
+
+
+def test_the_same_preset_always_starts_from_the_same_projector(tok):
+    from llava_lite import pipeline
+    from llava_lite.config import get_preset
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Tower:
+        cache_key, width, num_patches = "t", 12, 4
+
+    def lm():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=4))
+    cfg = get_preset("tiny")
+    a = pipeline.build_llava(cfg, lm(), tok, Tower())
+    torch.rand(100)  # whatever ran before does not matter
+    b = pipeline.build_llava(cfg, lm(), tok, Tower())
+    assert torch.equal(a.projector.linear_1.weight, b.projector.linear_1.weight)
+    c = pipeline.build_llava(cfg, lm(), tok, Tower(), seed=1)
+    assert not torch.equal(a.projector.linear_1.weight, c.projector.linear_1.weight)
