@@ -67,3 +67,25 @@ def pca_rgb(features: torch.Tensor) -> torch.Tensor:
     comp = (comp - lo) / (hi - lo + 1e-8)
     grid = int(round(features.shape[0] ** 0.5))
     return comp.reshape(grid, grid, 3)
+
+
+@torch.no_grad()
+def _features(tower, paths, batch: int = 100) -> torch.Tensor:
+    return torch.cat([tower(tower.pixels(paths[i:i + batch])) for i in range(0, len(paths), batch)])  # [N, P, D]
+
+
+def compare_layers(towers: dict, contexts: Sequence, image_dir, attrs: Sequence[str] = ("colour", "shape"),
+                   fit_share: float = 0.75) -> list[dict]:
+    """Per-patch probes for each ``{layer: tower}``: fitted on the first ``fit_share`` of the
+    scenes, scored on the rest. One row per (layer, attribute)."""
+    cut = int(len(contexts) * fit_share)
+    parts = {"fit": contexts[:cut], "held": contexts[cut:]}
+    rows = []
+    for layer, tower in towers.items():
+        x = {n: _features(tower, [image_dir / c.file_name for c in part]) for n, part in parts.items()}
+        for attr in attrs:
+            y = {n: patch_labels([c.objects for c in part], tower.grid, attr) for n, part in parts.items()}
+            r = patch_probe(x["fit"], y["fit"], x["held"], y["held"])
+            rows.append({"layer": layer, "predicts": attr, "all patches": round(r["accuracy"], 3),
+                         "object patches": round(r["object_patches"], 3), "majority class": round(r["majority"], 3)})
+    return rows
