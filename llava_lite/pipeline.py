@@ -65,6 +65,9 @@ def features(layout: Layout, split: str, tower, progress: bool = True):
     """The feature cache of ``split`` for ``tower`` (extracted first when missing or unfinished)."""
     from . import features as fc
 
+    if not layout.instances(split).exists():
+        raise FileNotFoundError(f"{layout.instances(split)}: no {split} split yet "
+                                f"(run notebook 00 or `llava-lite world --preset {layout.root.name}`)")
     folder = fc.cache_folder(layout.features, tower, split)
     fc.extract(tower, layout.instances(split), layout.images(split), folder, progress=progress)
     return fc.FeatureReader(folder, expect_key=tower.cache_key)
