@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io
-from .conversation import IMAGE_TOKEN, Template, expand_image
+from .conversation import IMAGE_TOKEN, Encoded, Template, expand_image
 from .teachers.questions import QTYPES, is_correct, normalise_answer
 
 log = logging.getLogger(__name__)
@@ -86,18 +86,20 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
     return [replies[i] for i in range(len(prompts))]
 
 
+def question_prompt(model, template: Template, question: str, sample_id: str = "", image: bool = True) -> list[int]:
+    """Token ids asking ``question`` in one human turn (after ``<image>``, grown to one slot per
+    patch token, when ``image``), ready for the model to answer."""
+    ids = template.prompt([{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if image else question}], sample_id)
+    if not image:
+        return ids
+    pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
+    return expand_image(Encoded(ids, ids, sample_id, pos), model.config.num_image_tokens).input_ids
+
+
 def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], features: Callable[[str], torch.Tensor] | None,
               batch_size: int = 64, blind: bool = False, progress: bool = False) -> list[str]:
     """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them)."""
-    prompts = []
-    for it in items:
-        value = it.question if blind else f"{IMAGE_TOKEN}\n{it.question}"
-        enc_ids = template.prompt([{"from": "human", "value": value}], it.sample_id)
-        if not blind:
-            from .conversation import Encoded
-            pos = [i for i, t in enumerate(enc_ids) if t == model.image_token_id]
-            enc_ids = expand_image(Encoded(enc_ids, enc_ids, it.sample_id, pos), model.config.num_image_tokens).input_ids
-        prompts.append(enc_ids)
+    prompts = [question_prompt(model, template, it.question, it.sample_id, image=not blind) for it in items]
 
     def extras(idx):
         if blind:
@@ -209,14 +211,7 @@ def nearest_words(model, tokenizer, image_features: torch.Tensor, k: int = 3, sk
 def describe(model, template, tokenizer, images: Sequence[str], features: Callable[[str], torch.Tensor],
              instruction: str = "Describe the image briefly.", max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     """What the model says about each image when asked ``instruction`` (greedy)."""
-    items = [Item(name, name, "caption", instruction, "") for name in images]
-    prompts = []
-    from .conversation import Encoded
-
-    for it in items:
-        ids = template.prompt([{"from": "human", "value": f"{IMAGE_TOKEN}\n{it.question}"}], it.sample_id)
-        pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
-        prompts.append(expand_image(Encoded(ids, ids, it.sample_id, pos), model.config.num_image_tokens).input_ids)
+    prompts = [question_prompt(model, template, instruction, name) for name in images]
     stop = _stop_id(tokenizer) if template.name == "chat" else tokenizer.eos_token_id
     was = model.training
     model.eval()

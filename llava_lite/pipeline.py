@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def register_cli(sub) -> None:
     t.add_argument("--stage1", type=Path, help="stage 2: the stage-1 checkpoint (default: the latest stage-1 run)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--max-steps", type=int, default=0)
-    t.add_argument("--lora", action=argparse_bool(), default=None, help="stage 2: LoRA adapters (default: the preset's)")
+    t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="stage 2: LoRA adapters (default: the preset's)")
     t.add_argument("--blind", action="store_true", help="train without image tokens (the blind baseline)")
 
     def run_train(args):
@@ -207,8 +208,3 @@ def register_cli(sub) -> None:
 
     e.set_defaults(func=run_eval)
 
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction

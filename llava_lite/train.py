@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 import math
 import random
 import shutil
@@ -221,7 +222,7 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
             mine = idx[rank::world]  # this process's share of the micro-batch
             batch = collator([examples[i] for i in mine])
             batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
-            ctx = accelerator.no_sync(model) if m < len(micro) - 1 else _null()
+            ctx = accelerator.no_sync(model) if m < len(micro) - 1 else nullcontext()
             with ctx, accelerator.autocast():
                 loss_sum, _ = _token_loss_sum(model, batch)
                 loss = loss_sum * world / max(1, n_tokens)  # DDP averages over processes
@@ -256,14 +257,6 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
     if accelerator.is_main_process:
         io.write_json(out_dir / "summary.json", summary, indent=2)
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
