@@ -88,11 +88,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return fast
 
 
-def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questions_per_scene: int = 6) -> Iterable[str]:
-    """The text the tokenizer learns from: object lines, questions, answers and captions."""
+def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questions_per_scene: int = 6,
+                     layout: str = "table") -> Iterable[str]:
+    """The text the tokenizer learns from: contexts (both layouts), questions, answers and captions."""
     rng = random.Random(seed)
     for ctx in contexts:
         yield object_lines(ctx)
+        if layout != "boxes":
+            yield reading_context(ctx, layout)
         yield from ctx.captions
         for qa in scene_questions(ctx, rng, questions_per_scene):
             yield qa.question
@@ -102,6 +105,51 @@ def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questio
 
 
 # ------------------------------------------------------------------------------ documents
+LAYOUTS = ("table", "boxes")
+
+
+def scene_table(ctx: SymbolicContext) -> str:
+    """The context as the tiny LM reads it (layout ``table``): one line per view of the scene,
+    each listing every object with the key a question names first and the value it asks after::
+
+        objects: red circle, blue square
+        colours: circle red, square blue
+        sizes: red circle large, blue square small
+        across: red circle 2, blue square 7
+        down: red circle 6, blue square 1
+
+    ``across``/``down`` are box centres in tenths of the image (0 = left/top edge, 9 = right/
+    bottom). Every lookup a question needs is then "find the key, read what follows", which a
+    small causal LM learns far sooner than reading a colour *before* the word it found; two
+    objects that a position question compares always differ by at least one tenth
+    (``facts.RELATION_MARGIN`` is 0.12). Categories without a colour (COCO) have no colour line.
+    """
+    objs = ctx.objects
+    tenth = lambda v: str(min(9, max(0, int(v * 10))))  # noqa: E731
+    lines = ["objects: " + ", ".join(o.name for o in objs)]
+    if any(o.colour for o in objs):
+        lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in objs if o.colour))
+    lines.append("sizes: " + ", ".join(f"{o.name} {o.size}" for o in objs))
+    lines.append("across: " + ", ".join(f"{o.name} {tenth(o.cx)}" for o in objs))
+    lines.append("down: " + ", ".join(f"{o.name} {tenth(o.cy)}" for o in objs))
+    return "\n".join(lines)
+
+
+def reading_layout(tokenizer) -> str:
+    """The layout a tokenizer's LM was pretrained to read (saved with the tokenizer; models from
+    before layouts existed read ``boxes``)."""
+    return tokenizer.init_kwargs.get("reading_layout", "boxes")
+
+
+def reading_context(ctx: SymbolicContext, layout: str = "table") -> str:
+    """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`."""
+    if layout == "table":
+        return scene_table(ctx)
+    if layout == "boxes":
+        return object_lines(ctx)
+    raise ValueError(f"unknown reading layout {layout!r}; expected one of {LAYOUTS}")
+
+
 def object_lines(ctx: SymbolicContext) -> str:
     """The ``name: [x1, y1, x2, y2]`` lines of ``ctx.text()`` (no captions), in the file's order."""
     text = ctx.text()
@@ -151,17 +199,38 @@ def box_question(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
     return ExactQA("box", f"Where is the {o.name}?", "[" + ", ".join(f"{v:.3f}" for v in o.box) + "]")
 
 
+DRILLS = {"size": "What size is the {}?", "across": "How far across is the {}?", "down": "How far down is the {}?"}
+
+
+def lookup_drill(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
+    """A question of the ``table`` layout answered by one lookup, with no options offered:
+    ``What size is the red circle?`` -> ``large``, ``How far across is the red circle?`` -> ``2``.
+    The exact size and position questions offer both answers in the question (``small or
+    large?``), and a small LM first learns to pick one of those words; the drills make it find
+    the value beside a name, which those questions need (only for a name the scene holds once)."""
+    names = Counter(o.name for o in ctx.objects)
+    cands = [o for o in ctx.objects if names[o.name] == 1]
+    if not cands:
+        return None
+    o, kind = rng.choice(cands), rng.choice(list(DRILLS))
+    tenth = lambda v: str(min(9, max(0, int(v * 10))))  # noqa: E731  (as scene_table writes it)
+    answer = {"size": o.size, "across": tenth(o.cx), "down": tenth(o.cy)}[kind]
+    return ExactQA("drill", DRILLS[kind].format(o.name), answer)
+
+
 def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, qa_per_doc: int = 8,
                       caption_share: float = 0.05, box_share: float = 0.0,
-                      type_weights: dict[str, float] | None = None) -> list[list[dict]]:
-    """One chat document per context: the object lines, then ``qa_per_doc`` questions and their
-    answers (the first question shares the first user turn with the context). A
+                      type_weights: dict[str, float] | None = None, layout: str = "table",
+                      drill_share: float = 0.0) -> list[list[dict]]:
+    """One chat document per context: the reading context, then ``qa_per_doc`` questions and
+    their answers (the first question shares the first user turn with the context). A
     ``caption_share`` of documents instead asks for a caption and gets one of the scene's; in a
     ``box_share`` of documents one question is replaced by a grounding question
-    (:func:`box_question`)."""
+    (:func:`box_question`, ``boxes`` layout); a ``drill_share`` of the questions are lookup
+    drills (:func:`lookup_drill`, ``table`` layout)."""
     docs = []
     for ctx in contexts:
-        lines = object_lines(ctx)
+        lines = reading_context(ctx, layout)
         if ctx.captions and rng.random() < caption_share:
             docs.append([{"role": "user", "content": f"{lines}\n{CAPTION_PROMPT}"},
                          {"role": "assistant", "content": rng.choice(ctx.captions)}])
@@ -172,6 +241,16 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
             if box:
                 qas = qas[: qa_per_doc - 1]
                 qas.insert(rng.randrange(len(qas) + 1), box)
+        if drill_share:
+            for i in range(len(qas)):
+                if rng.random() < drill_share:
+                    drill = lookup_drill(ctx, rng)
+                    # never the size of an object whose size question the document asks (copyable)
+                    name = drill and drill.question[len("What size is the "):-1]
+                    if drill and not (drill.answer in ("small", "large") and
+                                      any(q.qtype == "size" and f"the {name} " in q.question for q in qas)):
+                        qas[i] = drill
+            qas = list({qa.question: qa for qa in qas}.values())  # a drill drawn twice is asked once
         if not qas:
             continue
         doc = []
@@ -257,6 +336,9 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     qa_per_doc: int = 8
+    layout: str = "table"  # how a context is written: "table" (scene_table) or "boxes" (object_lines)
+    drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
+    lr_schedule: str = "cosine"  # or "constant" after warmup
     caption_share: float = 0.05
     box_share: float = 0.0  # documents with one grounding question ("Where is the red circle?")
     type_weights: dict[str, float] | None = None  # question types drawn in these proportions (None: evenly)
@@ -314,13 +396,15 @@ def eval_questions(contexts: Sequence[SymbolicContext], per_scene: int = 6, seed
 @torch.no_grad()
 def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], per_scene: int = 6,
                        batch_size: int = 64, max_new_tokens: int = 4, seed: int = 1234,
-                       progress: bool = False) -> dict:
-    """Exact-answer accuracy from the symbolic context alone (object lines + question in the
+                       progress: bool = False, layout: str | None = None) -> dict:
+    """Exact-answer accuracy from the symbolic context alone (the reading context + question in the
     first user turn), greedy, batched with a KV cache. Returns overall and per-type accuracy,
     question counts and each type's most-common-answer baseline."""
     enc = ChatEncoder(tokenizer)
+    layout = layout or reading_layout(tokenizer)
     items = eval_questions(contexts, per_scene, seed)
-    prompts = [enc.prompt([{"role": "user", "content": f"{object_lines(c)}\n{qa.question}"}]) for c, qa in items]
+    prompts = [enc.prompt([{"role": "user", "content": f"{reading_context(c, layout)}\n{qa.question}"}])
+               for c, qa in items]
     from .evaluate import greedy_replies
 
     was_training = model.training
@@ -343,7 +427,7 @@ def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], pe
             result["accuracy"][t] = sum(per_type[t]) / len(per_type[t])
             result["baseline"][t] = answers[t].most_common(1)[0][1] / len(per_type[t])
             result["count"][t] = len(per_type[t])
-    result["examples"] = [{"context": object_lines(c), "question": qa.question, "answer": qa.answer, "reply": r}
+    result["examples"] = [{"context": reading_context(c, layout), "question": qa.question, "answer": qa.answer, "reply": r}
                           for (c, qa), r in list(zip(items, replies))[:5]]
     return result
 
@@ -352,6 +436,8 @@ def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], pe
 def _lr_at(step: int, cfg: LMConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -372,7 +458,8 @@ class DocStream:
             n = self.cfg.batch_size * self.cfg.length_group
             pool = self.small if step < self.cfg.curriculum_steps else self.contexts
             scenes = [pool[rng.randrange(len(pool))] for _ in range(n)]
-            args = (self.cfg.qa_per_doc, self.cfg.caption_share, self.cfg.box_share, self.cfg.type_weights)
+            args = (self.cfg.qa_per_doc, self.cfg.caption_share, self.cfg.box_share, self.cfg.type_weights,
+                    self.cfg.layout, self.cfg.drill_share)
             docs = reading_documents(scenes, rng, *args)
             while len(docs) < n:  # a scene without questions is rare; top up
                 docs += reading_documents([pool[rng.randrange(len(pool))]], rng, *args)
@@ -424,7 +511,8 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(out)
         else:
-            tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed), cfg.vocab_size)
+            tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed, layout=cfg.layout), cfg.vocab_size)
+            tokenizer.init_kwargs["reading_layout"] = cfg.layout
             tokenizer.save_pretrained(out)
     model = build_model(cfg, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import coco, io, world
 from .config import WorldConfig, get_preset
-from .facts import Obj, article
+from .facts import COLOURS, SHAPES, Obj, article
 from .paths import PRETRAINED_DIR, Layout
 from .probes import linear_probe, retrieval_recall, scene_labels
 
@@ -67,6 +67,7 @@ class ClipTrainConfig:
     init_temperature: float = 0.07
     describe_prob: float = 0.3  # share of texts naming every object with colour, shape and size
     shape_prob: float = 0.3  # share naming every object by shape and size only (the rest: world captions)
+    hard_negatives: bool = True  # each description also scored against its counterfactual (see counterfactual())
     bf16: bool = True  # autocast the forward pass to bfloat16 (about 2x faster on AVX512-BF16 CPUs)
     seed: int = 0
     threads: int = 0  # CPU threads (0: torch's default); 1 is faster when another job shares 2 cores
@@ -95,6 +96,35 @@ def describe(objs: list[Obj], rng: random.Random, colours: bool = True) -> str:
     names = [article(name(o)) for o in order]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return lead + text + "."
+
+
+def counterfactual(objs: list[Obj], rng: random.Random, colours: bool = True) -> list[Obj]:
+    """The scene with one fact changed: one object's shape (most often) or colour, or two
+    objects' places swapped. Described in the same words as the true scene, it is a *hard
+    negative*: a text that only an image encoder seeing that very fact can tell from the right
+    one. In a random batch colour alone tells most scenes apart, so without such texts the
+    encoder learns little about shape."""
+    objs = list(objs)
+    kinds = ["shape", "shape"] + (["colour"] if colours else []) + (["swap"] if len(objs) > 1 else [])
+    kind, i = rng.choice(kinds), rng.randrange(len(objs))
+    o = objs[i]
+    if kind == "shape" and o.colour:
+        objs[i] = Obj(f"{o.colour} {rng.choice([s for s in SHAPES if s != o.kind])}", o.box)
+    elif kind == "colour" and o.colour:
+        objs[i] = Obj(f"{rng.choice([c for c in COLOURS if c != o.colour])} {o.kind}", o.box)
+    elif kind == "swap":
+        j = rng.choice([j for j in range(len(objs)) if j != i])
+        objs[i], objs[j] = Obj(o.name, objs[j].box), Obj(objs[j].name, o.box)
+    return objs
+
+
+def description_pair(objs: list[Obj], rng: random.Random, colours: bool = True) -> tuple[str, str]:
+    """``(description, counterfactual description)`` worded alike (same order rule, same size
+    words): they differ only where the scene was changed, or not at all (then no negative)."""
+    seed = rng.random()
+    true = describe(objs, random.Random(seed), colours)
+    false = describe(counterfactual(objs, random.Random(seed + 1), colours), random.Random(seed), colours)
+    return true, false
 
 
 def build_tokenizer(texts: list[str]):
@@ -269,12 +299,21 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch; identical texts in a batch all count as right answers."""
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor,
+                     neg: torch.Tensor | None = None, neg_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch; identical texts in a batch all count as right answers.
+
+    ``neg`` ``[B, D]``: each image's own hard-negative text, one more wrong choice in its
+    image->text row where ``neg_ok`` ``[B]`` is true."""
     logits = scale * img @ txt.T  # [B, B]
     same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(-1).float()  # [B, B]: text i == text j
     target = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    i2t, i2t_target = logits, target
+    if neg is not None:
+        extra = (scale * (img * neg).sum(-1, keepdim=True)).masked_fill(~neg_ok.unsqueeze(1), -1e4)  # [B, 1] (finite: 0 * -inf is nan)
+        i2t = torch.cat([logits, extra], 1)  # [B, B + 1]
+        i2t_target = torch.cat([target, torch.zeros_like(extra)], 1)
+    return 0.5 * (F.cross_entropy(i2t, i2t_target) + F.cross_entropy(logits.T, target))
 
 
 def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", data=None) -> dict:
@@ -293,12 +332,17 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
     images, caps, objs = data or load_split(world_dir, "pretrain")  # [N, 3, H, W] uint8
     n = len(images)
     n_desc = 4  # descriptions drawn per image up front, one picked per use
-    descs = [[describe(o, rng) for _ in range(n_desc)] for o in objs]
-    shape_descs = [[describe(o, rng, colours=False) for _ in range(n_desc)] for o in objs]
-    tokenizer = build_tokenizer([t for c in caps for t in c] + [t for d in descs + shape_descs for t in d])
+    pairs = [[description_pair(o, rng) for _ in range(n_desc)] for o in objs]
+    shape_pairs = [[description_pair(o, rng, colours=False) for _ in range(n_desc)] for o in objs]
+    descs, neg_descs = [[t for t, _ in p] for p in pairs], [[f for _, f in p] for p in pairs]
+    shape_descs, neg_shape = [[t for t, _ in p] for p in shape_pairs], [[f for _, f in p] for p in shape_pairs]
+    tokenizer = build_tokenizer([t for c in caps for t in c] + [t for d in descs + shape_descs + neg_descs + neg_shape
+                                                               for t in d])
     cap_ids = tokenize(tokenizer, [t for c in caps for t in c[:5]], cfg.context_length).view(n, 5, -1)  # [N, 5, L]
     desc_ids = tokenize(tokenizer, [t for d in descs for t in d], cfg.context_length).view(n, n_desc, -1)
     shape_ids = tokenize(tokenizer, [t for d in shape_descs for t in d], cfg.context_length).view(n, n_desc, -1)
+    neg_desc_ids = tokenize(tokenizer, [t for d in neg_descs for t in d], cfg.context_length).view(n, n_desc, -1)
+    neg_shape_ids = tokenize(tokenizer, [t for d in neg_shape for t in d], cfg.context_length).view(n, n_desc, -1)
     ev_images, ev_caps, _ = heldout_scenes(world_cfg, cfg.eval_scenes, "clip-eval")
 
     mcfg = model_config(cfg, tokenizer)
@@ -320,17 +364,23 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
         pos += cfg.batch_size
         b = len(idx)
         u = torch.rand(b, generator=gen).unsqueeze(1)  # which kind of text each image gets
-        ids = torch.where(u < cfg.describe_prob, desc_ids[idx, torch.randint(n_desc, (b,), generator=gen)],
-                          torch.where(u < cfg.describe_prob + cfg.shape_prob,
-                                      shape_ids[idx, torch.randint(n_desc, (b,), generator=gen)],
-                                      cap_ids[idx, torch.randint(5, (b,), generator=gen)]))  # [B, L]
+        k = torch.randint(n_desc, (b,), generator=gen)  # which description (and its counterfactual)
+        is_desc, is_shape = u < cfg.describe_prob, u < cfg.describe_prob + cfg.shape_prob
+        ids = torch.where(is_desc, desc_ids[idx, k],
+                          torch.where(is_shape, shape_ids[idx, k], cap_ids[idx, torch.randint(5, (b,), generator=gen)]))  # [B, L]
+        neg_ids = torch.where(is_desc, neg_desc_ids[idx, k], neg_shape_ids[idx, k])  # [B, L]
+        neg_ok = is_shape.squeeze(1) & (neg_ids != ids).any(1)  # a description whose counterfactual reads differently
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             img = model.encode_image(normalise(images[idx]), normalize=True)  # [B, D]
             txt = encode_text(model, ids)  # [B, D]
-        loss = contrastive_loss(img.float(), txt.float(), ids, model.logit_scale.exp())
+            neg = encode_text(model, neg_ids[neg_ok]) if cfg.hard_negatives and neg_ok.any() else None  # [b', D]
+        if neg is not None:
+            neg = torch.zeros_like(txt, dtype=neg.dtype).index_put((neg_ok.nonzero().squeeze(1),), neg)  # [B, D]
+        loss = contrastive_loss(img.float(), txt.float(), ids, model.logit_scale.exp(),
+                                None if neg is None else neg.float(), neg_ok)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -426,7 +476,7 @@ seed {cfg.seed}; {cfg.steps} steps of batch {cfg.batch_size}; AdamW lr {cfg.lr},
 {cfg.weight_decay}, {cfg.warmup_steps} warmup steps then cosine; bf16 autocast {cfg.bf16};
 {int(cfg.describe_prob * 100)}% of texts are a description naming every object (colour, shape, size),
 {int(cfg.shape_prob * 100)}% one naming every object by shape and size only, the rest one of the
-world's five captions. Training took {m['train_seconds'] / 60:.1f} min ({m['ms_per_step']} ms/step,
+world's five captions{"; each description also scored against its counterfactual (one shape, colour or place changed)" if cfg.hard_negatives else ""}. Training took {m['train_seconds'] / 60:.1f} min ({m['ms_per_step']} ms/step,
 torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with loading and measuring.
 `train_log.jsonl` has every step, `loss.png` the curves, `metrics.json` the numbers below.
 
@@ -442,6 +492,8 @@ torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with lo
 
 Probes: logistic regression on the mean of the patch tokens, trained on half the held-out
 scenes and scored on the other half. An untrained model scores recall@1 ~0.01.
+
+`LAB.md` (kept by hand) has the runs that led to these settings, and what moved the numbers.
 """
 
 
@@ -459,6 +511,8 @@ def register_cli_clip(sub) -> None:
     for name in ("lr", "weight_decay", "describe_prob", "shape_prob", "init_temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
+                   help="score each description against the batch only, not also against its counterfactual")
 
     def run(args):
         preset = get_preset(args.preset)

@@ -58,6 +58,7 @@ class LanguageConfig:
 
     name: str = "tiny-lm"  # short name of data/pretrained/, a folder, or a hub id (HuggingFaceTB/SmolLM2-360M-Instruct)
     dtype: str = "fp32"  # weights' dtype when loaded: fp32 | bf16 | fp16
+    load_in_4bit: bool = False  # QLoRA: a 4-bit (NF4) frozen base under LoRA; needs a CUDA GPU and bitsandbytes
 
 
 @dataclass

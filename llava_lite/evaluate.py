@@ -226,12 +226,15 @@ def describe(model, template, tokenizer, images: Sequence[str], features: Callab
 
 def ask_reader(lm, template: Template, tokenizer, items: Sequence[Item], contexts: dict, batch_size: int = 64,
                progress: bool = False) -> list[str]:
-    """The language model alone, reading each item's symbolic context (its object lines) as text
-    in the place where LLaVA puts the image: the paper's text-only row. ``contexts`` maps an image
-    file name to its :class:`~llava_lite.coco.SymbolicContext`."""
-    from .backbones import object_lines
+    """The language model alone, reading each item's symbolic context as text (in the layout it
+    was pretrained on, :func:`~llava_lite.backbones.reading_context`) in the place where LLaVA
+    puts the image: the paper's text-only row. ``contexts`` maps an image file name to its
+    :class:`~llava_lite.coco.SymbolicContext`."""
+    from .backbones import reading_context, reading_layout
 
-    prompts = [template.prompt([{"from": "human", "value": f"{object_lines(contexts[it.image])}\n{it.question}"}], it.sample_id)
+    layout = reading_layout(tokenizer)
+    prompts = [template.prompt([{"from": "human", "value": f"{reading_context(contexts[it.image], layout)}\n{it.question}"}],
+                               it.sample_id)
                for it in items]
     was = lm.training
     lm.eval()

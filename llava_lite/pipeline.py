@@ -40,8 +40,38 @@ def load_language(cfg: LanguageConfig):
 
     where = resolve(cfg.name)
     tokenizer = AutoTokenizer.from_pretrained(where)
+    if cfg.load_in_4bit:
+        return _load_4bit(where, cfg), tokenizer
     lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype])
     return lm, tokenizer
+
+
+def qlora_available() -> str | None:
+    """``None`` when a 4-bit base can be loaded here, else why not (in words)."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return None
+
+
+def _load_4bit(where: str, cfg: LanguageConfig):
+    """The QLoRA base: weights quantised to 4-bit NF4 as they load, computing in bf16 (fp16 on
+    cards without bf16), prepared for k-bit training (norms in fp32, input gradients on)."""
+    why_not = qlora_available()
+    if why_not:
+        raise RuntimeError(f"language.load_in_4bit (QLoRA) for {cfg.name}: {why_not}. Set load_in_4bit=False and "
+                           "use LoRA (model.lora=True) on full-precision weights instead.")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    lm = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, dtype=compute, device_map={"": 0})
+    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
 
 def load_vision(cfg: VisionConfig):
@@ -116,7 +146,11 @@ def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | N
     if stage1_checkpoint is not None:
         LlavaConfig.load(stage1_checkpoint).check_compatible(model.config, f"stage-1 checkpoint {stage1_checkpoint}")
         load_trained(model, stage1_checkpoint)
-    if preset.model.lora if lora is None else lora:
+    use_lora = preset.model.lora if lora is None else lora
+    if getattr(model.lm, "is_loaded_in_4bit", False) and not use_lora:
+        raise ValueError("the language model was loaded in 4 bits (language.load_in_4bit): its weights cannot be "
+                         "fine-tuned in full; turn on model.lora (QLoRA trains adapters over the 4-bit base)")
+    if use_lora:
         apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
     return model
 

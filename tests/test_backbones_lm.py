@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from collections import Counter
 
 import pytest
 import torch
@@ -12,10 +14,13 @@ from llava_lite import backbones as bb
 from llava_lite.coco import load_contexts
 from llava_lite.config import get_preset
 from llava_lite.io import write_json
+from llava_lite.facts import COLOURS, SHAPES
 from llava_lite.paths import PRETRAINED_DIR
+from llava_lite.teachers.questions import QTYPES, count_word, exact_questions
 from llava_lite.world import coco_files, sample_world
 
 SHIPPED = PRETRAINED_DIR / "tiny-lm"
+COLOUR_SHAPES = {f"{c} {s}" for c in COLOURS for s in SHAPES}
 
 
 def _heldout_contexts(tmp_path, n: int, seed: int = 0):
@@ -120,7 +125,62 @@ def test_reading_document_loss_mask_covers_exactly_the_answers(small_tokenizer):
                 cur.append(i)
         assert not cur
         assert answers == [m["content"] for m in doc if m["role"] == "assistant"]
-        assert doc[0]["content"].startswith(bb.object_lines(next(c for c in contexts if bb.object_lines(c) in doc[0]["content"])))
+        assert doc[0]["content"].startswith(bb.scene_table(next(c for c in contexts if bb.scene_table(c) in doc[0]["content"])))
+
+
+def _read_table(table: str, qa) -> str:
+    """Answer an exact question from a ``scene_table`` by lookups and one comparison only: what
+    the tiny LM must learn to do."""
+    rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in table.split("\n"))}
+    names = rows["objects"]
+    words = re.findall(r"[a-z]+", qa.question.lower())
+    named = [f"{a} {b}" for a, b in zip(words, words[1:]) if f"{a} {b}" in COLOUR_SHAPES]
+    value = lambda key, name: next(e.rsplit(" ", 1)[1] for e in rows[key] if e.rsplit(" ", 1)[0] == name)  # noqa: E731
+    if qa.qtype == "colour":
+        shape = next(w for w in words if w in SHAPES)
+        return next(e.split()[1] for e in rows["colours"] if e.split()[0] == shape)
+    if qa.qtype == "shape":
+        colour = next(w for w in words if w in COLOURS)
+        return next(e.split()[0] for e in rows["colours"] if e.split()[1] == colour)
+    if qa.qtype == "size":
+        return value("sizes", named[0])
+    if qa.qtype == "exist":
+        return "yes" if named[0] in names else "no"
+    if qa.qtype == "position":
+        a, b = named
+        key, first, second = ("across", "left", "right") if "left" in words else ("down", "above", "below")
+        va, vb = int(value(key, a)), int(value(key, b))
+        assert va != vb, (table, qa)  # a position question is never a tie in tenths
+        return first if va < vb else second
+    plural = next(w for w in words if w in ("circles", "squares", "triangles", "shapes", "objects"))
+    before = words[words.index(plural) - 1]
+    colour, kind = (before if before in COLOURS else None), (plural[:-1] if plural[:-1] in SHAPES else None)
+    n = sum(1 for x in names if colour in (None, x.split()[0]) and kind in (None, x.split()[1]))
+    return count_word(n)
+
+
+def test_scene_table_answers_every_exact_question_by_lookup(tmp_path):
+    contexts = _heldout_contexts(tmp_path, 300, seed=3)
+    rng, checked = random.Random(0), Counter()
+    for ctx in contexts:
+        table = bb.scene_table(ctx)
+        for qa in exact_questions(ctx.objects, rng, 8):
+            assert _read_table(table, qa) == qa.answer, (table, qa)
+            checked[qa.qtype] += 1
+    assert set(checked) == set(QTYPES) and min(checked.values()) > 100, checked
+
+
+def test_reading_layouts_and_the_layout_saved_with_the_tokenizer(small_tokenizer, tmp_path):
+    tok, contexts = small_tokenizer
+    ctx = contexts[0]
+    assert bb.reading_context(ctx, "boxes") == bb.object_lines(ctx)
+    assert bb.reading_context(ctx, "table").split("\n")[0] == "objects: " + ", ".join(o.name for o in ctx.objects)
+    with pytest.raises(ValueError, match="unknown reading layout 'grid'"):
+        bb.reading_context(ctx, "grid")
+    tok.init_kwargs["reading_layout"] = "table"
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+    assert bb.reading_layout(AutoTokenizer.from_pretrained(tmp_path)) == "table"
 
 
 def test_pretrain_lm_smoke_loss_falls_and_saves_loadable_model(small_tokenizer, tmp_path):

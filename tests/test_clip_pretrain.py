@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llava_lite import world
-from llava_lite.clip_pretrain import ClipTrainConfig, build_model, describe, encode_text, model_config, train
+from llava_lite.clip_pretrain import (ClipTrainConfig, build_model, contrastive_loss, counterfactual, describe,
+                                      description_pair, encode_text, model_config, train)
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
 from llava_lite.probes import linear_probe, retrieval_recall
@@ -52,10 +53,45 @@ def test_retrieval_recall_counts_rank_of_own_caption():
 
 
 def test_linear_probe_beats_majority_on_separable_labels():
-    x = torch.randn(400, 8)
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
     y = (x[:, :2] > 0).float()
     r = linear_probe(x[:200], y[:200], x[200:], y[200:])
     assert r["accuracy"] > 0.95 and r["majority"] < 0.7
+
+
+def test_counterfactual_changes_exactly_one_fact_and_its_description_says_so():
+    objs = [Obj("red circle", (0.1, 0.1, 0.2, 0.2)), Obj("blue square", (0.5, 0.5, 0.9, 0.9)),
+            Obj("green triangle", (0.7, 0.1, 0.8, 0.2))]
+    rng, kinds, differ = random.Random(0), set(), 0
+    for _ in range(300):
+        new = counterfactual(objs, rng)
+        changed = [(a, b) for a, b in zip(objs, new) if a != b]
+        if all(a.box == b.box for a, b in changed):  # a shape or a colour changed, one object
+            assert len(changed) == 1
+            (a, b), = changed
+            kinds.add("shape" if a.colour == b.colour else "colour")
+            assert (a.colour == b.colour) != (a.kind == b.kind)
+        else:  # two objects swapped places
+            assert len(changed) == 2 and changed[0][0].box == changed[1][1].box
+            kinds.add("swap")
+        true, false = description_pair(objs, rng)
+        differ += true != false
+    assert kinds == {"shape", "colour", "swap"}
+    assert differ > 200  # only a swap described in random order reads the same
+
+
+def test_hard_negative_raises_the_loss_when_the_image_matches_it_better():
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    txt, ids = img.clone(), torch.arange(4).unsqueeze(1)
+    ok = torch.tensor([True, True, False, False])
+    far, near = -img, img + 0.01 * torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    scale = torch.tensor(10.0)
+    base = contrastive_loss(img, txt, ids, scale)
+    assert contrastive_loss(img, txt, ids, scale, far, ok) == pytest.approx(base.item(), abs=1e-3)
+    assert contrastive_loss(img, txt, ids, scale, near, ok) > base + 0.1
+    # a row without a valid negative is untouched (and no nan from the masked column)
+    masked = contrastive_loss(img, txt, ids, scale, near, torch.zeros(4, dtype=torch.bool))
+    assert torch.isfinite(masked) and masked == pytest.approx(base.item(), abs=1e-5)
 
 
 @pytest.mark.slow

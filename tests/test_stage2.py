@@ -81,3 +81,27 @@ def test_two_cpu_processes_stay_identical_and_match_one_process(tmp_path):
     initial = load_file(str(tmp_path / "one" / "initial0.safetensors"))
     moved = [n for n in single if not torch.equal(single[n], initial[n])]
     assert any(n.startswith("projector.") for n in moved) and any(n.startswith("lm.") for n in moved)
+
+
+def test_launch_configs_parse_as_accelerate_configs():
+    """The shipped accelerate configs load as accelerate's own config class (what `accelerate
+    launch --config_file` reads): DeepSpeed ZeRO-2 and multi-GPU DDP."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    import llava_lite
+
+    folder = Path(llava_lite.__file__).parent / "launch"
+    zero2 = ClusterConfig.from_yaml_file(folder / "deepspeed_zero2.yaml")
+    assert str(zero2.distributed_type).endswith("DEEPSPEED") and zero2.deepspeed_config["zero_stage"] == 2
+    ddp = ClusterConfig.from_yaml_file(folder / "ddp_multi_gpu.yaml")
+    assert str(ddp.distributed_type).endswith("MULTI_GPU") and not ddp.use_cpu
+
+
+def test_qlora_without_a_cuda_gpu_says_what_to_use_instead(monkeypatch):
+    from llava_lite import pipeline
+    from llava_lite.config import LanguageConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipeline.qlora_available() == "no CUDA GPU on this machine"
+    with pytest.raises(RuntimeError, match=r"load_in_4bit \(QLoRA\) for tiny-lm: no CUDA GPU.*model.lora=True"):
+        pipeline.load_language(LanguageConfig(name="tiny-lm", load_in_4bit=True))

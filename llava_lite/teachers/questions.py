@@ -48,7 +48,12 @@ def _count(objs: list[Obj], rng: random.Random) -> ExactQA | None:
     many = facts.plural(word)
     template = rng.choice(["How many {} are there?", "How many {} can you see?", "How many {} are in the picture?",
                            "Count the {}."])
-    return ExactQA("count", template.format(many), NUMBER_WORDS[n] if n <= 6 or n < len(NUMBER_WORDS) else str(n))
+    return ExactQA("count", template.format(many), count_word(n))
+
+
+def count_word(n: int) -> str:
+    """A count as its exact answer: ``zero`` (never ``no``, which answers yes/no questions), ``one``..."""
+    return "zero" if n == 0 else NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
 
 def _unique(objs: list[Obj], key) -> list[Obj]:
@@ -157,7 +162,7 @@ def exact_questions(objs: list[Obj], rng: random.Random, n: int) -> list[ExactQA
     return out
 
 
-_WORDS = {str(i): w for i, w in enumerate(NUMBER_WORDS)}
+_WORDS = {str(i): count_word(i) for i in range(len(NUMBER_WORDS))}
 
 
 def normalise_answer(text: str) -> str:
