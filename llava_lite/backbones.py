@@ -338,7 +338,8 @@ class LMConfig:
     qa_per_doc: int = 8
     layout: str = "table"  # how a context is written: "table" (scene_table) or "boxes" (object_lines)
     drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
-    lr_schedule: str = "cosine"  # or "constant" after warmup
+    lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, "constant", or "wsd" (constant, then cosine
+    decay_share: float = 0.3     # to min_lr over this last share of the steps)
     caption_share: float = 0.05
     box_share: float = 0.0  # documents with one grounding question ("Where is the red circle?")
     type_weights: dict[str, float] | None = None  # question types drawn in these proportions (None: evenly)
@@ -438,6 +439,14 @@ def _lr_at(step: int, cfg: LMConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    if cfg.lr_schedule == "wsd":  # warmup, stable, decay
+        start = int(cfg.steps * (1 - cfg.decay_share))
+        if step < start:
+            return cfg.lr
+        t = (step - start) / max(1, cfg.steps - start)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule {cfg.lr_schedule!r}: expected cosine, constant or wsd")
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 

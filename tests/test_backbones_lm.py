@@ -222,3 +222,33 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
     resumed, _ = bb.read_log(tmp_path / "resumed" / "log.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-4)
+
+
+def test_lookup_drills_answer_from_the_table_and_never_leak_a_size_answer(small_tokenizer):
+    _, contexts = small_tokenizer
+    rng, kinds = random.Random(0), Counter()
+    for ctx in contexts:
+        drill = bb.lookup_drill(ctx, rng)
+        if drill is None:
+            continue
+        table = dict(line.split(": ", 1) for line in bb.scene_table(ctx).split("\n"))
+        name = re.search(r"is the (\w+ \w+)\?", drill.question).group(1)
+        key = "sizes" if drill.question.startswith("What size") else drill.question.split()[2]
+        assert f"{name} {drill.answer}" in table[key].split(", "), (drill, table[key])
+        kinds[key] += 1
+    assert set(kinds) == {"sizes", "across", "down"}, kinds
+    for doc in bb.reading_documents(contexts, random.Random(1), qa_per_doc=10, caption_share=0.0, drill_share=0.5):
+        asked = [m["content"].split("\n")[-1] for m in doc if m["role"] == "user"]
+        sized = {q[len("What size is the "):-1] for q in asked if q.startswith("What size is the ")}
+        assert not [q for q in asked if q.startswith("Is the ") and q.split(" or ")[-1].rstrip("?") in ("small", "large")
+                    and any(f"the {n} " in q for n in sized)], asked
+
+
+def test_wsd_schedule_holds_then_decays_to_min_lr():
+    cfg = bb.LMConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4, lr_schedule="wsd", decay_share=0.3)
+    lrs = [bb._lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:70])
+    assert all(a >= b for a, b in zip(lrs[70:], lrs[71:])) and lrs[-1] == pytest.approx(1e-4, rel=0.05)
+    with pytest.raises(ValueError, match="lr_schedule 'linear'"):
+        bb._lr_at(500, bb.LMConfig(lr_schedule="linear"))
