@@ -523,7 +523,8 @@ def register_cli_clip(sub) -> None:
         fields = {k: getattr(args, k) for k in asdict(d) if hasattr(args, k) and k != "world"}
         cfg = ClipTrainConfig(**{**fields, "world": asdict(preset.world)})
         command = "llava-lite backbones clip " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in fields.items() if k != "bf16") + ("" if cfg.bf16 else " --no-bf16")
+            f"--{k.replace('_', '-')} {v}" for k, v in fields.items() if k not in ("bf16", "hard_negatives"))
+        command += ("" if cfg.bf16 else " --no-bf16") + ("" if cfg.hard_negatives else " --no-hard-negatives")
         command += f" --preset {args.preset}" + (f" --world {args.world}" if args.world else "")
         m = train(cfg, world_dir, Path(args.out), command)
         log.info("tiny CLIP written to %s: r@1 %.3f, shape probe %.3f", args.out, m["retrieval"]["r@1"],
