@@ -95,7 +95,10 @@ def train_compare(steps: int) -> dict | None:
         return None
     tower = pl.load_vision(preset.vision)
     out = {}
+    from accelerate.state import AcceleratorState
+
     for precision in ("fp32", "bf16"):
+        AcceleratorState._reset_state(True)  # accelerate keeps one state per process; each run sets its own
         lm, tok = pl.load_language(preset.language)
         model = pl.build_llava(preset, lm, tok, tower)
         pl.prepare_stage2(preset, model, stage1, lora=False)
