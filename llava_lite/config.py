@@ -107,7 +107,7 @@ class Preset:
     model: ModelConfig = field(default_factory=ModelConfig)
     # the tiny preset's schedules, sized for minutes on two CPU cores
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
-    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=5e-4, lm_lr=5e-4, batch_size=16,
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=1e-3, lm_lr=1e-3, batch_size=16,
                                                                      max_steps=1500, group_by_length=True))
 
     def replace(self, **changes) -> "Preset":
