@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llava_lite.config import get_preset
-from llava_lite.model import LlavaConfig, LlavaLite
+from llava_lite.model import LlavaConfig, LlavaLite, add_image_token
 from llava_lite.pipeline import load_language
 from llava_lite.train import set_trainable
 
@@ -47,14 +47,14 @@ def step_timing(precision: str, batch: int, text: int, repeats: int) -> dict:
     preset = get_preset("tiny")
     lm, tok = load_language(preset.language)
     n_img, v_dim = 64, 64  # the tiny CLIP: 8 x 8 patches of width 64
-    image_id = len(tok)  # a new token id past the vocabulary, as add_image_token makes
-    lm.resize_token_embeddings(len(tok) + 1, mean_resizing=False)
+    image_id = add_image_token(tok, lm)
     cfg = LlavaConfig(vision_key="bench", vision_dim=v_dim, num_image_tokens=n_img, lm_name="tiny-lm",
                       lm_dim=lm.config.hidden_size, projector_type="mlp2x_gelu", image_token_id=image_id)
     model = LlavaLite(cfg, lm)
     groups = set_trainable(model, 2)
     opt = torch.optim.AdamW([p for _, ps in groups for p in ps], lr=1e-4)
-    ids = torch.cat([torch.full((batch, n_img), image_id), torch.randint(0, image_id, (batch, text))], 1)  # [B, P + T]
+    words = torch.randint(len(tok.all_special_ids), len(tok), (batch, text))  # ordinary tokens (specials come first)
+    ids = torch.cat([torch.full((batch, n_img), image_id), words], 1)  # [B, P + T]
     labels = ids.clone()
     labels[:, :n_img] = -100
     feats = torch.randn(batch, n_img, v_dim)  # [B, P, Dv]

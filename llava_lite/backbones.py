@@ -4,12 +4,13 @@ pretrained on the world's text until it *reads* (answers questions from a symbol
 The paper starts from an LLM that already reads and answers; ours must too before images are
 added. Its pretraining text is chat documents in the layout stage 2 uses::
 
-    <|user|>{object lines}\\n{question}<|end|><|assistant|>{answer}<|end|><|user|>{question}<|end|>...
+    <|user|>{scene as text}\\n{question}<|end|><|assistant|>{answer}<|end|><|user|>{question}<|end|>...
 
-with the loss on the assistant turns (answer and ``<|end|>``). In stage 2 the object lines are
-replaced by ``<image>`` tokens in exactly that place. The pretraining mix adds: a share of
-documents asking for a caption ("Describe the image briefly."), which stage 1 needs; grounding
-questions ("Where is the red circle?" -> its box), which drill finding a line by its name; and
+with the loss on the assistant turns (answer and ``<|end|>``). The scene is written as a
+:func:`scene_table` (layout ``table``; the older ``boxes`` layout is :func:`object_lines`). In
+stage 2 it is replaced by ``<image>`` tokens in exactly that place. The pretraining mix adds: a
+share of documents asking for a caption ("Describe the image briefly."), which stage 1 needs;
+optional drills (grounding questions for ``boxes``, :func:`lookup_drill` for ``table``); and
 documents also read as plain text (every token predicted, the non-answer ones with a small
 weight). ``data/pretrained/tiny-lm/README.md`` records what each lever measured.
 
@@ -125,14 +126,18 @@ def scene_table(ctx: SymbolicContext) -> str:
     (``facts.RELATION_MARGIN`` is 0.12). Categories without a colour (COCO) have no colour line.
     """
     objs = ctx.objects
-    tenth = lambda v: str(min(9, max(0, int(v * 10))))  # noqa: E731
     lines = ["objects: " + ", ".join(o.name for o in objs)]
     if any(o.colour for o in objs):
         lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in objs if o.colour))
     lines.append("sizes: " + ", ".join(f"{o.name} {o.size}" for o in objs))
-    lines.append("across: " + ", ".join(f"{o.name} {tenth(o.cx)}" for o in objs))
-    lines.append("down: " + ", ".join(f"{o.name} {tenth(o.cy)}" for o in objs))
+    lines.append("across: " + ", ".join(f"{o.name} {_tenth(o.cx)}" for o in objs))
+    lines.append("down: " + ", ".join(f"{o.name} {_tenth(o.cy)}" for o in objs))
     return "\n".join(lines)
+
+
+def _tenth(v: float) -> str:
+    """A normalised coordinate as the table writes it: its tenth, ``0``..``9``."""
+    return str(min(9, max(0, int(v * 10))))
 
 
 def reading_layout(tokenizer) -> str:
@@ -202,19 +207,22 @@ def box_question(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
 DRILLS = {"size": "What size is the {}?", "across": "How far across is the {}?", "down": "How far down is the {}?"}
 
 
-def lookup_drill(ctx: SymbolicContext, rng: random.Random) -> ExactQA | None:
+def lookup_drill(ctx: SymbolicContext, rng: random.Random, no_size_of: frozenset[str] = frozenset()) -> ExactQA | None:
     """A question of the ``table`` layout answered by one lookup, with no options offered:
     ``What size is the red circle?`` -> ``large``, ``How far across is the red circle?`` -> ``2``.
     The exact size and position questions offer both answers in the question (``small or
     large?``), and a small LM first learns to pick one of those words; the drills make it find
-    the value beside a name, which those questions need (only for a name the scene holds once)."""
+    the value beside a name, which those questions need (only for a name the scene holds once).
+    ``None`` also when the drawn drill asks the size of a name in ``no_size_of`` (a document
+    that asks that object's size question would let the answer be copied)."""
     names = Counter(o.name for o in ctx.objects)
     cands = [o for o in ctx.objects if names[o.name] == 1]
     if not cands:
         return None
     o, kind = rng.choice(cands), rng.choice(list(DRILLS))
-    tenth = lambda v: str(min(9, max(0, int(v * 10))))  # noqa: E731  (as scene_table writes it)
-    answer = {"size": o.size, "across": tenth(o.cx), "down": tenth(o.cy)}[kind]
+    if kind == "size" and o.name in no_size_of:
+        return None
+    answer = {"size": o.size, "across": _tenth(o.cx), "down": _tenth(o.cy)}[kind]
     return ExactQA("drill", DRILLS[kind].format(o.name), answer)
 
 
@@ -242,14 +250,11 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
                 qas = qas[: qa_per_doc - 1]
                 qas.insert(rng.randrange(len(qas) + 1), box)
         if drill_share:
+            sized = frozenset(o.name for o in ctx.objects
+                              if any(q.qtype == "size" and f"the {o.name} " in q.question for q in qas))
             for i in range(len(qas)):
                 if rng.random() < drill_share:
-                    drill = lookup_drill(ctx, rng)
-                    # never the size of an object whose size question the document asks (copyable)
-                    name = drill and drill.question[len("What size is the "):-1]
-                    if drill and not (drill.answer in ("small", "large") and
-                                      any(q.qtype == "size" and f"the {name} " in q.question for q in qas)):
-                        qas[i] = drill
+                    qas[i] = lookup_drill(ctx, rng, sized) or qas[i]
             qas = list({qa.question: qa for qa in qas}.values())  # a drill drawn twice is asked once
         if not qas:
             continue
@@ -443,11 +448,14 @@ def _lr_at(step: int, cfg: LMConfig) -> float:
         start = int(cfg.steps * (1 - cfg.decay_share))
         if step < start:
             return cfg.lr
-        t = (step - start) / max(1, cfg.steps - start)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+        return _cosine(cfg, (step - start) / max(1, cfg.steps - start))
     if cfg.lr_schedule != "cosine":
         raise ValueError(f"lr_schedule {cfg.lr_schedule!r}: expected cosine, constant or wsd")
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return _cosine(cfg, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+
+
+def _cosine(cfg: LMConfig, t: float) -> float:
+    """From ``cfg.lr`` at ``t`` = 0 down to ``cfg.min_lr`` at ``t`` >= 1."""
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 

@@ -365,11 +365,11 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
         b = len(idx)
         u = torch.rand(b, generator=gen).unsqueeze(1)  # which kind of text each image gets
         k = torch.randint(n_desc, (b,), generator=gen)  # which description (and its counterfactual)
-        is_desc, is_shape = u < cfg.describe_prob, u < cfg.describe_prob + cfg.shape_prob
+        is_desc, described = u < cfg.describe_prob, u < cfg.describe_prob + cfg.shape_prob  # [B, 1]
         ids = torch.where(is_desc, desc_ids[idx, k],
-                          torch.where(is_shape, shape_ids[idx, k], cap_ids[idx, torch.randint(5, (b,), generator=gen)]))  # [B, L]
+                          torch.where(described, shape_ids[idx, k], cap_ids[idx, torch.randint(5, (b,), generator=gen)]))  # [B, L]
         neg_ids = torch.where(is_desc, neg_desc_ids[idx, k], neg_shape_ids[idx, k])  # [B, L]
-        neg_ok = is_shape.squeeze(1) & (neg_ids != ids).any(1)  # a description whose counterfactual reads differently
+        neg_ok = described.squeeze(1) & (neg_ids != ids).any(1)  # a description whose counterfactual reads differently
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         model.train()

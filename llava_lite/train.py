@@ -76,9 +76,9 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 def pick_precision(requested: str, device: torch.device) -> str:
     """``auto``: bf16 on a GPU that has it, else fp16 on a GPU, else fp32 (CPU).
 
-    fp32 on the CPU is measured, not assumed: on the project's AVX512-BF16 CPU bf16 autocast made
-    a tiny stage-2 step 1.04x faster but 200 steps took 52 s against 46 s for the same held-out
-    loss (``benchmarks/precision_bench.py``, ``benchmarks/RESULTS.md``)."""
+    fp32 on the CPU is measured, not assumed: on the project's AVX512-BF16 CPU bf16 autocast ran a
+    tiny stage-2 step at 0.96x the speed, and 200 steps took 51 s against 47 s for the same
+    held-out loss (``benchmarks/precision_bench.py``, ``benchmarks/RESULTS.md``)."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
