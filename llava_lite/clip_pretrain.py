@@ -68,6 +68,8 @@ class ClipTrainConfig:
     describe_prob: float = 0.3  # share of texts naming every object with colour, shape and size
     shape_prob: float = 0.3  # share naming every object by shape and size only (the rest: world captions)
     hard_negatives: bool = True  # each description also scored against its counterfactual (see counterfactual())
+    counterfactual_images: bool = False  # the counterfactual scene drawn too, and added to the batch with its description
+    init: str = ""  # a saved tiny CLIP to start from (same architecture and vocabulary); "" = random weights
     bf16: bool = True  # autocast the forward pass to bfloat16 (about 2x faster on AVX512-BF16 CPUs)
     seed: int = 0
     threads: int = 0  # CPU threads (0: torch's default); 1 is faster when another job shares 2 cores
@@ -118,13 +120,15 @@ def counterfactual(objs: list[Obj], rng: random.Random, colours: bool = True) ->
     return objs
 
 
-def description_pair(objs: list[Obj], rng: random.Random, colours: bool = True) -> tuple[str, str]:
-    """``(description, counterfactual description)`` worded alike (same order rule, same size
-    words): they differ only where the scene was changed, or not at all (then no negative)."""
+def description_pair(objs: list[Obj], rng: random.Random, colours: bool = True) -> tuple[str, str, list[Obj]]:
+    """``(description, counterfactual description, counterfactual objects)``, the two texts worded
+    alike (same order rule, same size words): they differ only where the scene was changed, or
+    not at all (then no negative)."""
     seed = rng.random()
+    changed = counterfactual(objs, random.Random(seed + 1), colours)
     true = describe(objs, random.Random(seed), colours)
-    false = describe(counterfactual(objs, random.Random(seed + 1), colours), random.Random(seed), colours)
-    return true, false
+    false = describe(changed, random.Random(seed), colours)
+    return true, false, changed
 
 
 def build_tokenizer(texts: list[str]):
@@ -334,8 +338,9 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
     n_desc = 4  # descriptions drawn per image up front, one picked per use
     pairs = [[description_pair(o, rng) for _ in range(n_desc)] for o in objs]
     shape_pairs = [[description_pair(o, rng, colours=False) for _ in range(n_desc)] for o in objs]
-    descs, neg_descs = [[t for t, _ in p] for p in pairs], [[f for _, f in p] for p in pairs]
-    shape_descs, neg_shape = [[t for t, _ in p] for p in shape_pairs], [[f for _, f in p] for p in shape_pairs]
+    descs, neg_descs = [[p[0] for p in ps] for ps in pairs], [[p[1] for p in ps] for ps in pairs]
+    shape_descs, neg_shape = [[p[0] for p in ps] for ps in shape_pairs], [[p[1] for p in ps] for ps in shape_pairs]
+    scenes = pretrain_scenes(world_cfg, objs) if cfg.counterfactual_images else None
     tokenizer = build_tokenizer([t for c in caps for t in c] + [t for d in descs + shape_descs + neg_descs + neg_shape
                                                                for t in d])
     cap_ids = tokenize(tokenizer, [t for c in caps for t in c[:5]], cfg.context_length).view(n, 5, -1)  # [N, 5, L]
@@ -347,6 +352,8 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
 
     mcfg = model_config(cfg, tokenizer)
     model = build_model(mcfg, cfg)
+    if cfg.init:
+        load_init(model, mcfg, tokenizer, Path(cfg.init))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny CLIP: %.2fM parameters, %d pretrain images, vocabulary %d", n_params / 1e6, n, len(tokenizer))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -373,9 +380,19 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         model.train()
+        batch_u8 = images[idx]
+        if scenes is not None and neg_ok.any():
+            # the counterfactual scenes join the batch as pairs of their own: each true text is then
+            # a hard negative for its twin image, and each twin text for the true image
+            sel = neg_ok.nonzero().squeeze(1).tolist()
+            twins = [world.with_objects(scenes[idx[j]], (pairs if is_desc[j] else shape_pairs)[idx[j]][k[j]][2],
+                                        random.Random(f"{cfg.seed}:{step}:{j}")) for j in sel]
+            batch_u8 = torch.cat([batch_u8, torch.stack([_to_u8(world.render(t)) for t in twins])])
+            ids = torch.cat([ids, neg_ids[sel]])
+            neg_ok = torch.zeros_like(neg_ok)  # the twins' texts are in the batch already
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            img = model.encode_image(normalise(images[idx]), normalize=True)  # [B, D]
-            txt = encode_text(model, ids)  # [B, D]
+            img = model.encode_image(normalise(batch_u8), normalize=True)  # [B(+twins), D]
+            txt = encode_text(model, ids)  # [B(+twins), D]
             neg = encode_text(model, neg_ids[neg_ok]) if cfg.hard_negatives and neg_ok.any() else None  # [b', D]
         if neg is not None:
             neg = torch.zeros_like(txt, dtype=neg.dtype).index_put((neg_ok.nonzero().squeeze(1),), neg)  # [B, D]
@@ -407,6 +424,39 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
     plot_log(log_rows, out / "loss.png")
     io.write_text(out / "README.md", readme(cfg, metrics, command))
     return metrics
+
+
+def pretrain_scenes(world_cfg: WorldConfig, objs: list[list[Obj]]) -> list[world.Scene]:
+    """The pretrain split's scenes (tints and background included), drawn again from the world's
+    seed and checked against the objects read from disk, so counterfactual twins can be drawn."""
+    scenes = world.sample_world(world_cfg)["pretrain"]
+    tol = 0.5 / world_cfg.image_size
+    for i, (scene, want) in enumerate(zip(scenes, objs)):
+        got = scene.objects()
+        if len(got) != len(want) or any(a.name != b.name or max(abs(x - y) for x, y in zip(a.box, b.box)) > tol
+                                        for a, b in zip(got, want)):
+            raise ValueError(f"pretrain scene #{i} (image {scene.image_id}) on disk is not the one the world config "
+                             f"draws (expected {[o.name for o in got]}, found {[o.name for o in want]}): regenerate "
+                             "the world with this preset, or pass --world for the folder made with it")
+    if len(scenes) != len(objs):
+        raise ValueError(f"the world config draws {len(scenes)} pretrain scenes, the folder has {len(objs)}")
+    return scenes
+
+
+def load_init(model, mcfg: dict, tokenizer, folder: Path) -> None:
+    """Start from a saved tiny CLIP: same architecture, same vocabulary (else a clear error)."""
+    from safetensors.torch import load_file
+
+    saved = io.read_json(folder / "open_clip_config.json")["model_cfg"]
+    if saved != mcfg:
+        diff = {k: (saved.get(k), mcfg.get(k)) for k in set(saved) | set(mcfg) if saved.get(k) != mcfg.get(k)}
+        raise ValueError(f"{folder}/open_clip_config.json: another architecture (saved, wanted): {diff}")
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    if vocab != tokenizer.get_vocab():
+        raise ValueError(f"{folder}/tokenizer.json: its vocabulary differs from this run's texts' "
+                         f"({len(vocab)} vs {len(tokenizer.get_vocab())} words); start from a model trained on this world")
+    model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
+    log.info("starting from %s", folder)
 
 
 def save(model, mcfg: dict, tokenizer, out: Path) -> None:
@@ -513,6 +563,9 @@ def register_cli_clip(sub) -> None:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="score each description against the batch only, not also against its counterfactual")
+    p.add_argument("--counterfactual-images", action="store_true",
+                   help="also draw each counterfactual scene and add it to the batch with its description")
+    p.add_argument("--init", default="", help="a saved tiny CLIP to start from (same architecture and texts)")
 
     def run(args):
         preset = get_preset(args.preset)
@@ -523,8 +576,10 @@ def register_cli_clip(sub) -> None:
         fields = {k: getattr(args, k) for k in asdict(d) if hasattr(args, k) and k != "world"}
         cfg = ClipTrainConfig(**{**fields, "world": asdict(preset.world)})
         command = "llava-lite backbones clip " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in fields.items() if k not in ("bf16", "hard_negatives"))
+            f"--{k.replace('_', '-')} {v}" for k, v in fields.items()
+            if k not in ("bf16", "hard_negatives", "counterfactual_images", "init"))
         command += ("" if cfg.bf16 else " --no-bf16") + ("" if cfg.hard_negatives else " --no-hard-negatives")
+        command += (" --counterfactual-images" if cfg.counterfactual_images else "") + (f" --init {cfg.init}" if cfg.init else "")
         command += f" --preset {args.preset}" + (f" --world {args.world}" if args.world else "")
         m = train(cfg, world_dir, Path(args.out), command)
         log.info("tiny CLIP written to %s: r@1 %.3f, shape probe %.3f", args.out, m["retrieval"]["r@1"],

@@ -182,6 +182,7 @@ def register_cli(sub) -> None:
     t.add_argument("--stage1", type=Path, help="stage 2: the stage-1 checkpoint (default: the latest stage-1 run)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--max-steps", type=int, default=0)
+    t.add_argument("--batch-size", type=int, help="samples per optimizer step (default: the preset's)")
     t.add_argument("--lr", type=float, help="the projector's learning rate (default: the preset's)")
     t.add_argument("--lm-lr", type=float, help="stage 2: the language model's learning rate (default: the preset's)")
     t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="stage 2: LoRA adapters (default: the preset's)")
@@ -210,7 +211,7 @@ def register_cli(sub) -> None:
             prepare_stage2(preset, model, None if args.blind else ckpt, args.lora)
             samples = blind_samples(samples) if args.blind else samples
         overrides = {"max_steps": args.max_steps} if args.max_steps else {}
-        overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr") if getattr(args, k) is not None})
+        overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr", "batch_size") if getattr(args, k) is not None})
         summary = run_stage(preset, layout, model, tokenizer, feats, args.stage, samples, out, resume=args.resume,
                             accelerator=acc, **overrides)
         log.info("stage %d done: %s", args.stage, {k: summary[k] for k in ("steps", "seconds", "last")})

@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
@@ -93,6 +94,11 @@ class Scene:
         return tuple(sorted((sh.name, sh.x, sh.y, sh.side) for sh in self.shapes))
 
 
+def _tint(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """The drawn colour: the named colour, slightly jittered."""
+    return tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in RGB[colour])
+
+
 def sample_scene(rng: random.Random, image_id: int, split: str, cfg: WorldConfig) -> Scene:
     s = cfg.image_size
     n = rng.randint(cfg.min_objects, cfg.max_objects)
@@ -110,7 +116,7 @@ def sample_scene(rng: random.Random, image_id: int, split: str, cfg: WorldConfig
                 for o in shapes
             ):
                 colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
-                tint = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in RGB[colour])
+                tint = _tint(colour, rng)
                 shapes.append(Shape(colour, shape, x, y, side, tint))
                 break
     grey = rng.randint(212, 240)
@@ -135,6 +141,21 @@ def render(scene: Scene) -> Image.Image:
 
 
 # ---------------------------------------------------------------- captions
+def with_objects(scene: Scene, objs: Sequence[Obj], rng: random.Random) -> Scene:
+    """``scene`` redrawn with ``objs`` (one per shape, in the same order): a shape whose name or
+    box changed takes the new ones; its tint is kept when its colour is, else drawn afresh.
+    This is how a counterfactual scene (one fact changed) becomes an image."""
+    if len(objs) != len(scene.shapes):
+        raise ValueError(f"scene {scene.image_id}: {len(objs)} objects for {len(scene.shapes)} shapes")
+    s, shapes = scene.size, []
+    for sh, o in zip(scene.shapes, objs):
+        x, y = round(o.box[0] * s), round(o.box[1] * s)
+        side = round(max(o.box[2] - o.box[0], o.box[3] - o.box[1]) * s)
+        tint = sh.tint if o.colour == sh.colour else _tint(o.colour, rng)
+        shapes.append(Shape(o.colour, o.kind, x, y, side, tint))
+    return Scene(scene.image_id, scene.split, s, scene.background, tuple(shapes))
+
+
 def _name(o: Obj, rng: random.Random, size: bool | None = None) -> str:
     """``red circle``, sometimes with its size (``small red circle``)."""
     if size is None:

@@ -2,12 +2,15 @@
 it relies on (descriptions, trimmed text encoding, the retrieval metric) do what they say."""
 from __future__ import annotations
 
+import json
+import math
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llava_lite import world
 from llava_lite.clip_pretrain import (ClipTrainConfig, build_model, contrastive_loss, counterfactual, describe,
@@ -74,7 +77,7 @@ def test_counterfactual_changes_exactly_one_fact_and_its_description_says_so():
         else:  # two objects swapped places
             assert len(changed) == 2 and changed[0][0].box == changed[1][1].box
             kinds.add("swap")
-        true, false = description_pair(objs, rng)
+        true, false, _ = description_pair(objs, rng)
         differ += true != false
     assert kinds == {"shape", "colour", "swap"}
     assert differ > 200  # only a swap described in random order reads the same
@@ -112,3 +115,16 @@ def test_tiny_clip_trains_at_smoke_size_and_saves_in_open_clip_format(tmp_path):
     ids = tok(["A red circle."])
     assert ids.shape == (1, cfg.context_length) and (ids == model.text_eos_id).sum() == 1
     assert VisionTower.load(str(out)).num_patches == 16
+
+    # a second run starts from the first, with the counterfactual scenes drawn into the batch
+    again = replace(cfg, steps=2, init=str(out), counterfactual_images=True)
+    train(again, tmp_path / "world", tmp_path / "clip2", command="test")
+    log = [json.loads(line) for line in (tmp_path / "clip2" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    # it really started from the first run's weights: with lr 0 nothing moves
+    train(replace(again, lr=0.0), tmp_path / "world", tmp_path / "clip3", command="test")
+    a = load_file(str(out / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "clip3" / "open_clip_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another architecture"):
+        train(replace(again, vision_width=64), tmp_path / "world", tmp_path / "clip4", command="test")

@@ -82,6 +82,32 @@ def test_boxes_match_the_drawn_pixels():
         assert all(max(abs(p - q) for p, q in zip(px, scene.background)) < 30 for px in outside.get_flattened_data())
 
 
+def test_a_scene_redrawn_with_one_fact_changed_shows_that_change_only():
+    from llava_lite.clip_pretrain import counterfactual
+
+    scenes = world.sample_world(WorldConfig(splits={"train": 40}, seed=4))["train"]
+    rng, changed_kinds = random.Random(0), set()
+    for scene in scenes:
+        same = world.with_objects(scene, scene.objects(), rng)
+        assert same == scene and world.render(same).tobytes() == world.render(scene).tobytes()
+        objs = counterfactual(scene.objects(), rng)
+        twin = world.with_objects(scene, objs, rng)
+        got = twin.objects()
+        assert [o.name for o in got] == [o.name for o in objs]
+        assert all(max(abs(a - b) for a, b in zip(g.box, o.box)) < 1e-9 for g, o in zip(got, objs))
+        for old, new in zip(scene.shapes, twin.shapes):
+            if old.colour == new.colour:
+                assert new.tint == old.tint  # an unchanged colour keeps its drawn tint
+            changed_kinds.add("shape" if old.shape != new.shape else "colour" if old.colour != new.colour
+                              else "place" if old.x != new.x or old.y != new.y else "none")
+        if twin != scene:
+            assert world.render(twin).tobytes() != world.render(scene).tobytes()
+    assert {"shape", "colour", "place"} <= changed_kinds
+    n = len(scenes[0].shapes)
+    with pytest.raises(ValueError, match=f"{n + 1} objects for {n} shapes"):
+        world.with_objects(scenes[0], scenes[0].objects() * 2 if n == 1 else scenes[0].objects() + scenes[0].objects()[:1], rng)
+
+
 def test_captions_are_varied_across_the_world():
     scenes = world.sample_world(WorldConfig(splits={"train": 200}))["train"]
     caps = [c for s in scenes for c in world.captions(s, random.Random(s.image_id))]

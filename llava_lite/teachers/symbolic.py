@@ -33,6 +33,8 @@ from . import questions
 log = logging.getLogger(__name__)
 
 TYPES = ("caption", "conversation", "detail", "complex", "exact")
+# questions per ``exact`` sample, drawn in this range (inclusive)
+EXACT_TURNS = (2, 4)
 
 # our own paraphrases of "describe the image briefly", for stage-1 caption samples
 BRIEF_INSTRUCTIONS = (
@@ -343,7 +345,7 @@ def sample(ctx: SymbolicContext, kind: str, rng: random.Random) -> dict | None:
             return None
         turns = [qa]
     elif kind == "exact":
-        qas = questions.exact_questions(ctx.objects, rng, rng.randint(2, 4))
+        qas = questions.exact_questions(ctx.objects, rng, rng.randint(*EXACT_TURNS))
         if not qas:
             return None
         turns = [(qa.question, qa.answer) for qa in qas]
