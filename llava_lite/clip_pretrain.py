@@ -285,6 +285,26 @@ def measure(folder: Path, world_cfg: WorldConfig, n: int = 1000, name: str = "he
     out = {"heldout_scenes": n, "retrieval": clip_retrieval(model, tokenizer, images, caps)}
     for layer in (-2, -1):
         out[f"probe_layer{layer}"] = shape_colour_probe(VisionTower.load(str(folder), layer=layer), images, objs)
+    out["patch_probe_layer-2"] = object_patch_probe(VisionTower.load(str(folder), layer=-2), images, objs)
+    return out
+
+
+@torch.no_grad()
+def object_patch_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]]) -> dict[str, dict[str, float]]:
+    """Per-patch probes: does one patch token tell the colour, shape and size of the object under
+    it? (What stage 2 needs to pick an object out by one attribute and read off another.) Fitted
+    on the first half of the scenes, scored on the object patches of the second half."""
+    from .patches import patch_labels, patch_probe
+
+    x = torch.cat([tower((images_u8[i:i + 250].float() / 255 - tower.mean) / tower.std)
+                   for i in range(0, len(images_u8), 250)])  # [N, P, D]
+    h, out = len(x) // 2, {}
+    for attr in ("colour", "shape", "size"):
+        y = patch_labels(objects, tower.grid, attr)  # [N, P]
+        obj = y[h:] != 0
+        majority = torch.bincount(y[:h][y[:h] != 0]).argmax()
+        r = patch_probe(x[:h], y[:h], x[h:], y[h:])
+        out[attr] = {"accuracy": r["object_patches"], "majority": (y[h:][obj] == majority).float().mean().item()}
     return out
 
 
@@ -503,6 +523,8 @@ def plot_log(rows: list[dict], path: Path) -> None:
 def readme(cfg: ClipTrainConfig, m: dict, command: str) -> str:
     r = m["retrieval"]
     p2, p1 = m["probe_layer-2"], m["probe_layer-1"]
+    patch_rows = "".join(f"| {a} of the object under one patch, layer -2 | {v['accuracy']:.3f} (majority {v['majority']:.3f}) |\n"
+                         for a, v in m.get("patch_probe_layer-2", {}).items())
     return f"""# tiny-clip
 
 A {m['parameters'] / 1e6:.2f}M-parameter CLIP in open_clip's architecture (ViT {cfg.image_size} px,
@@ -526,7 +548,7 @@ seed {cfg.seed}; {cfg.steps} steps of batch {cfg.batch_size}; AdamW lr {cfg.lr},
 {cfg.weight_decay}, {cfg.warmup_steps} warmup steps then cosine; bf16 autocast {cfg.bf16};
 {int(cfg.describe_prob * 100)}% of texts are a description naming every object (colour, shape, size),
 {int(cfg.shape_prob * 100)}% one naming every object by shape and size only, the rest one of the
-world's five captions{"; each description also scored against its counterfactual (one shape, colour or place changed)" if cfg.hard_negatives else ""}. Training took {m['train_seconds'] / 60:.1f} min ({m['ms_per_step']} ms/step,
+world's five captions{"; each description also scored against its counterfactual (one shape, colour or place changed)" if cfg.hard_negatives else ""}{"; the counterfactual scene was also drawn and put in the batch with its description, so each true text is a hard negative for its twin image" if cfg.counterfactual_images else ""}.{f" Training started from the tiny CLIP then in `{cfg.init}` (`LAB.md` has how that one was made), not from random weights." if cfg.init else ""} Training took {m['train_seconds'] / 60:.1f} min ({m['ms_per_step']} ms/step,
 torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with loading and measuring.
 `train_log.jsonl` has every step, `loss.png` the curves, `metrics.json` the numbers below.
 
@@ -539,9 +561,9 @@ torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with lo
 | colour probe, layer -2 | {p2['colour']['accuracy']:.3f} (majority {p2['colour']['majority']:.3f}) |
 | shape probe, layer -1 | {p1['shape']['accuracy']:.3f} |
 | colour probe, layer -1 | {p1['colour']['accuracy']:.3f} |
-
-Probes: logistic regression on the mean of the patch tokens, trained on half the held-out
-scenes and scored on the other half. An untrained model scores recall@1 ~0.01.
+{patch_rows}
+Probes: logistic regression on the mean of the patch tokens (per-patch rows: on single patch
+tokens), trained on half the held-out scenes and scored on the other half. An untrained model scores recall@1 ~0.01.
 
 `LAB.md` (kept by hand) has the runs that led to these settings, and what moved the numbers.
 """

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .facts import COLOURS, SHAPES, Obj
 from .probes import fit_linear, standardise
 
-CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES)}
+CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "size": ("background", "small", "large")}
 
 
 def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour") -> torch.Tensor:
@@ -25,7 +25,7 @@ def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour
     centres = (torch.arange(grid) + 0.5) / grid
     for i, objs in enumerate(scenes):
         for o in objs:
-            value = o.colour if attr == "colour" else o.kind
+            value = o.colour if attr == "colour" else o.kind if attr == "shape" else o.size
             x1, y1, x2, y2 = o.box
             rows = ((centres >= y1) & (centres <= y2)).nonzero().flatten()
             cols = ((centres >= x1) & (centres <= x2)).nonzero().flatten()

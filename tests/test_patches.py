@@ -13,6 +13,10 @@ def test_patch_labels_mark_the_patches_whose_centre_lies_in_a_box():
     assert (colour == 0).sum() == 16 - 4 - 1
     shape = patches.patch_labels([objs], grid=4, attr="shape")[0]
     assert shape.max() == patches.CLASSES["shape"].index("square")
+    size = patches.patch_labels([objs], grid=4, attr="size")[0].reshape(4, 4)  # sides 0.5 (large) and 0.26 (large)
+    assert size[:2, :2].eq(patches.CLASSES["size"].index("large")).all() and size[3, 3] == patches.CLASSES["size"].index("large")
+    small = patches.patch_labels([[Obj("red circle", (0.0, 0.0, 0.2, 0.2))]], grid=4, attr="size")[0]
+    assert small[0] == patches.CLASSES["size"].index("small") and small[1:].eq(0).all()
 
 
 def test_patch_probe_separates_classes_that_are_linearly_apart_and_reports_chance():
