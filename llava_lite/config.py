@@ -108,7 +108,7 @@ class Preset:
     # the tiny preset's schedules, sized for minutes on two CPU cores
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
     stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=1e-3, lm_lr=1e-3, batch_size=16,
-                                                                     max_steps=2000, group_by_length=True))
+                                                                     max_steps=1500, group_by_length=True))
 
     def replace(self, **changes) -> "Preset":
         return dataclasses.replace(self, **changes)
