@@ -256,21 +256,25 @@ def clip_retrieval(model, tokenize_fn, images_u8: torch.Tensor, captions: list[l
 
 
 @torch.no_grad()
+def patch_tokens(tower, images_u8: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """A :class:`~llava_lite.vision.VisionTower`'s patch tokens for uint8 images: ``[N, P, width]``."""
+    return torch.cat([tower((images_u8[i:i + batch].float() / 255 - tower.mean) / tower.std)  # [B, 3, S, S] in
+                      for i in range(0, len(images_u8), batch)])
+
+
 def pooled_patch_features(tower, images_u8: torch.Tensor, batch: int = 250) -> torch.Tensor:
-    """Mean of a :class:`~llava_lite.vision.VisionTower`'s patch tokens per image: ``[N, width]``."""
-    out = []
-    for i in range(0, len(images_u8), batch):
-        x = (images_u8[i:i + batch].float() / 255 - tower.mean) / tower.std  # [B, 3, S, S]
-        out.append(tower(x).mean(dim=1))  # [B, T, W] -> [B, W]
-    return torch.cat(out)
+    """Mean of a tower's patch tokens per image: ``[N, width]``."""
+    return patch_tokens(tower, images_u8, batch).mean(dim=1)
 
 
-def shape_colour_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]]) -> dict[str, dict[str, float]]:
+def shape_colour_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
+                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Linear probes on pooled patch features: which shapes / colours a scene holds.
 
-    The first half of the scenes trains the probe, the second half scores it.
+    The first half of the scenes trains the probe, the second half scores it. ``tokens``: the
+    tower's patch tokens of ``images_u8``, if already computed.
     """
-    feats = pooled_patch_features(tower, images_u8)  # [N, W]
+    feats = (patch_tokens(tower, images_u8) if tokens is None else tokens).mean(dim=1)  # [N, W]
     labels = scene_labels(objects)
     h = len(feats) // 2
     return {k: linear_probe(feats[:h], y[:h], feats[h:], y[h:]) for k, y in labels.items()}
@@ -284,20 +288,22 @@ def measure(folder: Path, world_cfg: WorldConfig, n: int = 1000, name: str = "he
     model, tokenizer = load_tiny_clip(folder)
     out = {"heldout_scenes": n, "retrieval": clip_retrieval(model, tokenizer, images, caps)}
     for layer in (-2, -1):
-        out[f"probe_layer{layer}"] = shape_colour_probe(VisionTower.load(str(folder), layer=layer), images, objs)
-    out["patch_probe_layer-2"] = object_patch_probe(VisionTower.load(str(folder), layer=-2), images, objs)
+        tower = VisionTower.load(str(folder), layer=layer)
+        tokens = patch_tokens(tower, images)  # [N, P, D]
+        out[f"probe_layer{layer}"] = shape_colour_probe(tower, images, objs, tokens)
+        if layer == -2:  # the layer LLaVA reads
+            out["patch_probe_layer-2"] = object_patch_probe(tower, images, objs, tokens)
     return out
 
 
-@torch.no_grad()
-def object_patch_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]]) -> dict[str, dict[str, float]]:
+def object_patch_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
+                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Per-patch probes: does one patch token tell the colour, shape and size of the object under
     it? (What stage 2 needs to pick an object out by one attribute and read off another.) Fitted
     on the first half of the scenes, scored on the object patches of the second half."""
     from .patches import patch_labels, patch_probe
 
-    x = torch.cat([tower((images_u8[i:i + 250].float() / 255 - tower.mean) / tower.std)
-                   for i in range(0, len(images_u8), 250)])  # [N, P, D]
+    x = patch_tokens(tower, images_u8) if tokens is None else tokens  # [N, P, D]
     h, out = len(x) // 2, {}
     for attr in ("colour", "shape", "size"):
         y = patch_labels(objects, tower.grid, attr)  # [N, P]

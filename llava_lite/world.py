@@ -140,7 +140,6 @@ def render(scene: Scene) -> Image.Image:
     return img.reduce(k)
 
 
-# ---------------------------------------------------------------- captions
 def with_objects(scene: Scene, objs: Sequence[Obj], rng: random.Random) -> Scene:
     """``scene`` redrawn with ``objs`` (one per shape, in the same order): a shape whose name or
     box changed takes the new ones; its tint is kept when its colour is, else drawn afresh.
@@ -156,6 +155,7 @@ def with_objects(scene: Scene, objs: Sequence[Obj], rng: random.Random) -> Scene
     return Scene(scene.image_id, scene.split, s, scene.background, tuple(shapes))
 
 
+# ---------------------------------------------------------------- captions
 def _name(o: Obj, rng: random.Random, size: bool | None = None) -> str:
     """``red circle``, sometimes with its size (``small red circle``)."""
     if size is None:
