@@ -43,7 +43,10 @@ def tower(small: bool) -> VisionTower:
                                                                         "heads": 1, "layers": 1}})
     import open_clip
 
-    return VisionTower(open_clip.create_model("ViT-B-16").visual, name="ViT-B-16", weights_id="random-init")
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return VisionTower(open_clip.create_model("ViT-B-16").visual, name="ViT-B-16", weights_id="random-init",
+                       mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
 
 
 def peak_tflops(precision: str) -> float | None:

@@ -355,6 +355,7 @@ class LMConfig:
     bf16: bool = True
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there too); the shipped LM's card says which
     eval_every: int = 250
     eval_scenes: int = 150
     checkpoint_every: int = 250
@@ -531,7 +532,8 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
             tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed, layout=cfg.layout), cfg.vocab_size)
             tokenizer.init_kwargs["reading_layout"] = cfg.layout
             tokenizer.save_pretrained(out)
-    model = build_model(cfg, tokenizer)
+    dev = torch.device(cfg.device)
+    model = build_model(cfg, tokenizer).to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -539,7 +541,7 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     start, elapsed = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=dev)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt}: written with a different config; delete it or use the same settings")
         model.load_state_dict(state["model"])
@@ -559,9 +561,10 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     with open(log_path, "a") as logf:
         for step in bar:
             ids, weights = stream.batch(step)  # [B, T]
+            ids, weights = ids.to(dev, non_blocking=True), weights.to(dev, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = weighted_lm_loss(model, ids, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -613,6 +616,7 @@ def heldout_perplexity(model, tokenizer, contexts: Sequence[SymbolicContext], qa
     total, count = 0.0, 0
     for s in range(0, len(pairs), batch_size):
         ids, labels = collate(pairs[s: s + batch_size], tokenizer.pad_token_id)  # [B, T]
+        ids, labels = ids.to(model.device), labels.to(model.device)
         n = int((labels[:, 1:] != -100).sum())
         total += lm_loss(model, ids, labels).item() * n
         count += n

@@ -73,6 +73,7 @@ class ClipTrainConfig:
     bf16: bool = True  # autocast the forward pass to bfloat16 (about 2x faster on AVX512-BF16 CPUs)
     seed: int = 0
     threads: int = 0  # CPU threads (0: torch's default); 1 is faster when another job shares 2 cores
+    device: str = "cpu"  # "cuda": train on a GPU (images are still drawn on the CPU)
     eval_every: int = 250
     eval_scenes: int = 500  # held-out scenes scored while training (retrieval, 1 in 100)
     metric_scenes: int = 1000  # held-out scenes for the final metrics
@@ -205,8 +206,8 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
     """``[B, 3, H, W]`` uint8 -> CLIP-normalised float (OpenAI mean/std, as the tower does)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, device=images_u8.device).view(1, 3, 1, 1)
     return (images_u8.float() / 255 - mean) / std
 
 
@@ -247,11 +248,13 @@ def clip_retrieval(model, tokenize_fn, images_u8: torch.Tensor, captions: list[l
     ``tokenize_fn``: texts -> ``[N, L]`` ids (open_clip's tokenizer object is such a callable).
     """
     model.eval()
+    dev = next(model.parameters()).device
     rounds = min(len(c) for c in captions)
-    img = torch.cat([model.encode_image(normalise(images_u8[i:i + batch])) for i in range(0, len(images_u8), batch)])
+    img = torch.cat([model.encode_image(normalise(images_u8[i:i + batch].to(dev))).cpu()
+                     for i in range(0, len(images_u8), batch)])
     texts = [c[r] for c in captions for r in range(rounds)]
     ids = tokenize_fn(texts)  # [N * rounds, L]
-    txt = torch.cat([encode_text(model, ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    txt = torch.cat([encode_text(model, ids[i:i + batch].to(dev)).cpu() for i in range(0, len(ids), batch)])
     return retrieval_recall(img, txt.view(len(captions), rounds, -1), group=group)
 
 
@@ -380,6 +383,8 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
     model = build_model(mcfg, cfg)
     if cfg.init:
         load_init(model, mcfg, tokenizer, Path(cfg.init))
+    dev = torch.device(cfg.device)
+    model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny CLIP: %.2fM parameters, %d pretrain images, vocabulary %d", n_params / 1e6, n, len(tokenizer))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -416,7 +421,8 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
             batch_u8 = torch.cat([batch_u8, torch.stack([_to_u8(world.render(t)) for t in twins])])
             ids = torch.cat([ids, neg_ids[sel]])
             neg_ok = torch.zeros_like(neg_ok)  # the twins' texts are in the batch already
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        batch_u8, ids, neg_ids, neg_ok = batch_u8.to(dev), ids.to(dev), neg_ids.to(dev), neg_ok.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             img = model.encode_image(normalise(batch_u8), normalize=True)  # [B(+twins), D]
             txt = encode_text(model, ids)  # [B(+twins), D]
             neg = encode_text(model, neg_ids[neg_ok]) if cfg.hard_negatives and neg_ok.any() else None  # [b', D]
@@ -439,7 +445,7 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     train_s = time.time() - t_train
 
-    save(model.eval(), mcfg, tokenizer, out)
+    save(model.cpu().eval(), mcfg, tokenizer, out)
     metrics = measure(out, world_cfg, cfg.metric_scenes)
     metrics.update({"parameters": n_params, "train_seconds": round(train_s, 1),
                     "ms_per_step": round(1000 * train_s / cfg.steps, 1),
@@ -588,6 +594,7 @@ def register_cli_clip(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "weight_decay", "describe_prob", "shape_prob", "init_temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--device", default=d.device, help="cpu, or cuda to train on a GPU")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="score each description against the batch only, not also against its counterfactual")

@@ -68,6 +68,7 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
     model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt.
     """
     replies: dict[int, str] = {}
+    device = getattr(getattr(generate, "__self__", None), "device", None)  # the model's, when it has one
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[s:s + batch_size]
@@ -77,6 +78,8 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
         for b, i in enumerate(idx):
             ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[b, T - len(prompts[i]):] = 1
+        if device is not None:
+            ids, mask = ids.to(device), mask.to(device)
         out = generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                        eos_token_id=stop_id, pad_token_id=pad_id, **(extras(idx) if extras else {}))
         out = out[:, T:] if returns_prompt else out  # [B, new]
