@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import io
+from .envcheck import training_device
 from .coco import SymbolicContext, load_contexts
 from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct
 
@@ -520,6 +521,7 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     resumes from it), and at the end the model and tokenizer (``save_pretrained``) plus
     ``metrics.json``. Returns ``(model, tokenizer, metrics)``.
     """
+    dev = training_device(cfg.device)  # before any work: a missing GPU fails at once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -532,7 +534,6 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
             tokenizer = train_tokenizer(tokenizer_corpus(pretrain[:5000], cfg.seed, layout=cfg.layout), cfg.vocab_size)
             tokenizer.init_kwargs["reading_layout"] = cfg.layout
             tokenizer.save_pretrained(out)
-    dev = torch.device(cfg.device)
     model = build_model(cfg, tokenizer).to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import coco, io, world
 from .config import WorldConfig, get_preset
+from .envcheck import training_device
 from .facts import COLOURS, SHAPES, Obj, article
 from .paths import PRETRAINED_DIR, Layout
 from .probes import linear_probe, retrieval_recall, scene_labels
@@ -354,6 +355,7 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
 
     ``data``: the split as :func:`load_split` returns it, if already in memory.
     """
+    dev = training_device(cfg.device)  # before any loading: a missing GPU fails at once
     torch.set_flush_denormal(True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -383,7 +385,6 @@ def train(cfg: ClipTrainConfig, world_dir: Path, out: Path, command: str = "", d
     model = build_model(mcfg, cfg)
     if cfg.init:
         load_init(model, mcfg, tokenizer, Path(cfg.init))
-    dev = torch.device(cfg.device)
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny CLIP: %.2fM parameters, %d pretrain images, vocabulary %d", n_params / 1e6, n, len(tokenizer))

@@ -32,6 +32,22 @@ def device_report() -> dict[str, object]:
     return rep
 
 
+def training_device(name: str):
+    """``torch.device(name)`` for a training job, or a clear error when that device is not here
+    (``cuda`` on a machine without a CUDA GPU, an unknown name)."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: not a device name torch knows (expected cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; train with --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def suggested_preset(rep: dict[str, object] | None = None) -> str:
     """``full`` on a GPU with 40 GB or more, ``colab`` on a smaller GPU, ``tiny`` on a CPU."""
     rep = rep or device_report()

@@ -252,3 +252,20 @@ def test_wsd_schedule_holds_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[70:], lrs[71:])) and lrs[-1] == pytest.approx(1e-4, rel=0.05)
     with pytest.raises(ValueError, match="lr_schedule 'linear'"):
         bb._lr_at(500, bb.LMConfig(lr_schedule="linear"))
+
+
+def test_training_device_names_what_is_missing(monkeypatch):
+    """``--device`` of the backbone trainers: a GPU that is not here, or a name torch does not know,
+    fails at once with the flag in the message (before any data is loaded)."""
+    import torch
+
+    from llava_lite.envcheck import training_device
+
+    assert training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device name"):
+        training_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
+        training_device("cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        bb.pretrain_lm([], [], "/nonexistent/never-written", bb.LMConfig(device="cuda"))

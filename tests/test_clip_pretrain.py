@@ -128,3 +128,10 @@ def test_tiny_clip_trains_at_smoke_size_and_saves_in_open_clip_format(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="another architecture"):
         train(replace(again, vision_width=64), tmp_path / "world", tmp_path / "clip4", command="test")
+
+
+def test_clip_training_on_a_missing_gpu_fails_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):
+        train(ClipTrainConfig(device="cuda"), tmp_path / "no-world", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

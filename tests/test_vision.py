@@ -163,11 +163,18 @@ def test_shipped_tiny_clip_loads_and_measures_what_its_card_says(shipped_clip_me
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 is open: the shipped tiny CLIP reaches recall@1 ~0.47 and a shape "
-                                       "probe ~0.85 (see data/pretrained/tiny-clip/README.md); strict, so meeting the "
-                                       "targets turns this into a failure that asks to drop the mark")
-def test_shipped_tiny_clip_meets_the_issue_targets(shipped_clip_measured):
+def test_shipped_tiny_clip_features_carry_shape(shipped_clip_measured):
+    """Issue 4's check: a linear probe on pooled patch features finds the shapes present >= 90%."""
+    _, _, probe, _ = shipped_clip_measured
+    assert probe["shape"]["accuracy"] >= 0.9, probe
+    assert probe["shape"]["accuracy"] > probe["shape"]["majority"] + 0.15, probe
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 4 is open: the shipped tiny CLIP reaches recall@1 ~0.54 (1 of 100) and a "
+                                       "pooled colour probe ~0.89 (see data/pretrained/tiny-clip/README.md); strict, so "
+                                       "meeting the targets turns this into a failure that asks to drop the mark")
+def test_shipped_tiny_clip_meets_the_retrieval_target(shipped_clip_measured):
     _, r, probe, _ = shipped_clip_measured
     assert r["r@1"] >= 0.8, r
-    assert probe["shape"]["accuracy"] >= 0.9, probe
     assert probe["colour"]["accuracy"] >= 0.9, probe
