@@ -107,7 +107,7 @@ class Preset:
     model: ModelConfig = field(default_factory=ModelConfig)
     # the tiny preset's schedules, sized for minutes on two CPU cores. Stage 2: 2000 steps with the LM's
     # learning rate twice the projector's, the best of the settings measured (README, "Where the tiny
-    # preset stands"); each step costs ~0.3 s, and the blind baseline trains as many
+    # preset stands"); a step takes ~0.18 s on two cores, and the blind baseline trains as many
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
     stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=1e-3, lm_lr=2e-3, batch_size=16,
                                                                      max_steps=2000, group_by_length=True))
