@@ -62,7 +62,7 @@ def test_shipped_tiny_lm_answers_from_held_out_contexts_as_its_card_says(shipped
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issues 4/6 are open: the shipped tiny LM reads at ~0.78 overall, the target is "
+@pytest.mark.xfail(strict=True, reason="issue 4 is open: the shipped tiny LM reads at ~0.78 overall, the target is "
                                        "0.9 (see data/pretrained/tiny-lm/README.md); strict, so reaching it turns this "
                                        "into a failure that asks to drop the mark")
 def test_shipped_tiny_lm_meets_the_reading_target(shipped_lm_measured):
