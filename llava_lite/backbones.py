@@ -363,6 +363,10 @@ class LMConfig:
     length_group: int = 4  # batches drawn together and sorted by length (less padding)
 
 
+# where and how fast a run goes, not what it learns: a checkpoint resumes under other values of these
+RUNTIME_FIELDS = ("device", "threads")
+
+
 def build_model(cfg: LMConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -543,8 +547,11 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False, map_location=dev)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{ckpt}: written with a different config; delete it or use the same settings")
+        saved, now = state["config"], asdict(cfg)
+        differ = sorted(k for k in set(saved) | set(now) if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k))
+        if differ:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+            raise ValueError(f"{ckpt}: written with other settings ({changes}); delete it or resume with the same settings")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, elapsed = state["step"], state["elapsed"]

@@ -6,6 +6,7 @@ import json
 import random
 import re
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,7 +218,10 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
     with pytest.raises(_Crash):  # dies at step 6, just after writing its checkpoint
         bb.pretrain_lm(train, val, tmp_path / "resumed", cfg, tokenizer=tok, progress=False, on_eval=crash)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
-    bb.pretrain_lm(train, val, tmp_path / "resumed", cfg, tokenizer=tok, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.002 there, 0.001 now\)"):
+        bb.pretrain_lm(train, val, tmp_path / "resumed", replace(cfg, lr=1e-3), tokenizer=tok, progress=False)
+    # where it runs (device, threads) is not what it learns: the run resumes under other values
+    bb.pretrain_lm(train, val, tmp_path / "resumed", replace(cfg, threads=2), tokenizer=tok, progress=False)
     straight, _ = bb.read_log(tmp_path / "straight" / "log.jsonl")
     resumed, _ = bb.read_log(tmp_path / "resumed" / "log.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 13))
