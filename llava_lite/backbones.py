@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import io
-from .envcheck import training_device
 from .coco import SymbolicContext, load_contexts
+from .envcheck import training_device
 from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,8 @@ def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], pe
     try:
         replies = greedy_replies(model.generate, prompts, tokenizer.pad_token_id, enc.end,
                                  lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                                 max_new_tokens=max_new_tokens, returns_prompt=True, progress=progress)
+                                 max_new_tokens=max_new_tokens, returns_prompt=True, progress=progress,
+                                 device=model.device)
     finally:
         model.train(was_training)
 

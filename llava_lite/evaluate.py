@@ -61,14 +61,14 @@ def blind_samples(samples: Sequence[dict]) -> list[dict]:
 def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list[int]], pad_id: int, stop_id: int,
                    decode: Callable[[list[int]], str], batch_size: int = 64, max_new_tokens: int = 4,
                    extras: Callable[[list[int]], dict] | None = None, returns_prompt: bool = False,
-                   progress: bool = False) -> list[str]:
+                   progress: bool = False, device: torch.device | str | None = None) -> list[str]:
     """Replies to ``prompts`` (token id lists), batched by length and left-padded.
 
     ``generate(input_ids=, attention_mask=, max_new_tokens=, **extras(batch_indices))`` is a
-    model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt.
+    model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt;
+    ``device``: where the prompts go (the model's), if not the CPU.
     """
     replies: dict[int, str] = {}
-    device = getattr(getattr(generate, "__self__", None), "device", None)  # the model's, when it has one
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[s:s + batch_size]
@@ -244,6 +244,6 @@ def ask_reader(lm, template: Template, tokenizer, items: Sequence[Item], context
     try:
         return greedy_replies(lm.generate, prompts, tokenizer.pad_token_id, _stop_id(tokenizer),
                               lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                              returns_prompt=True, progress=progress)
+                              returns_prompt=True, progress=progress, device=lm.device)
     finally:
         lm.train(was)

@@ -15,6 +15,7 @@ from .facts import COLOURS, SHAPES, Obj
 from .probes import fit_linear, standardise
 
 CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "size": ("background", "small", "large")}
+FIELD = {"colour": "colour", "shape": "kind", "size": "size"}  # the Obj attribute each class list names
 
 
 def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour") -> torch.Tensor:
@@ -25,7 +26,7 @@ def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour
     centres = (torch.arange(grid) + 0.5) / grid
     for i, objs in enumerate(scenes):
         for o in objs:
-            value = o.colour if attr == "colour" else o.kind if attr == "shape" else o.size
+            value = getattr(o, FIELD[attr])
             x1, y1, x2, y2 = o.box
             rows = ((centres >= y1) & (centres <= y2)).nonzero().flatten()
             cols = ((centres >= x1) & (centres <= x2)).nonzero().flatten()

@@ -261,8 +261,6 @@ def test_wsd_schedule_holds_then_decays_to_min_lr():
 def test_training_device_names_what_is_missing(monkeypatch):
     """``--device`` of the backbone trainers: a GPU that is not here, or a name torch does not know,
     fails at once with the flag in the message (before any data is loaded)."""
-    import torch
-
     from llava_lite.envcheck import training_device
 
     assert training_device("cpu") == torch.device("cpu")
