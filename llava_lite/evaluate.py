@@ -66,7 +66,7 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
 
     ``generate(input_ids=, attention_mask=, max_new_tokens=, **extras(batch_indices))`` is a
     model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt;
-    ``device``: where the prompts go (the model's), if not the CPU.
+    ``device``: where the prompts and the ``extras`` tensors go (the model's), if not the CPU.
     """
     replies: dict[int, str] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -78,10 +78,12 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
         for b, i in enumerate(idx):
             ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[b, T - len(prompts[i]):] = 1
+        more = extras(idx) if extras else {}
         if device is not None:
             ids, mask = ids.to(device), mask.to(device)
+            more = {k: v.to(device) if torch.is_tensor(v) else v for k, v in more.items()}
         out = generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=stop_id, pad_token_id=pad_id, **(extras(idx) if extras else {}))
+                       eos_token_id=stop_id, pad_token_id=pad_id, **more)
         out = out[:, T:] if returns_prompt else out  # [B, new]
         for b, i in enumerate(idx):
             new = out[b].tolist()
@@ -115,7 +117,8 @@ def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], featu
     try:
         return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
                               lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                              extras=extras, returns_prompt=False, progress=progress)
+                              extras=extras, returns_prompt=False, progress=progress,
+                              device=next(model.parameters()).device)
     finally:
         model.train(was)
 
@@ -222,7 +225,8 @@ def describe(model, template, tokenizer, images: Sequence[str], features: Callab
         return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
                               lambda t: tokenizer.decode(t, skip_special_tokens=True).strip(), batch_size,
                               max_new_tokens=max_new_tokens,
-                              extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])})
+                              extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])},
+                              device=next(model.parameters()).device)
     finally:
         model.train(was)
 
