@@ -6,6 +6,10 @@ Both are used to judge the tiny CLIP (its README and test) and in notebooks 00 a
   caption among 100); each image ranks its group's captions; recall@k is how often its own
   caption is among the top k. Round ``r`` uses each scene's ``r``-th caption, and the rounds
   are averaged, so every captioning style is scored.
+- :func:`scene_recall`: the standard image->text protocol of caption datasets (COCO's): each image
+  ranks *all* captions of its group's scenes, and a hit is any of its own captions (or the same
+  string) among the top k. A vague caption ("A picture of three objects.") then no longer has to
+  beat the other scenes' captions on its own; the scene's most telling caption can win for it.
 - :func:`linear_probe`: a logistic-regression probe (multi-label) trained on one set of scenes
   and scored on another; accuracy is counted per (scene, label) pair.
 - :func:`scene_labels`: which shapes and which colours a scene contains, as 0/1 matrices.
@@ -57,6 +61,38 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
             for k in ks:
                 hits[k] += int((rank < k).sum())
             total += group
+    return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
+
+
+@torch.no_grad()
+def scene_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, texts: Sequence[Sequence[str]],
+                 group: int = 100, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Image->scene recall@k among ``group`` scenes, each represented by all its captions.
+
+    ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``; ``texts``: the ``N x R`` caption
+    strings. Each image ranks the ``group * R`` captions of its group; it scores a hit at k when
+    one of the top k is one of its own captions, or the same string as one (two scenes can be
+    captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
+    """
+    n, rounds = caption_emb.shape[0], caption_emb.shape[1]
+    if n < group:
+        raise ValueError(f"retrieval needs at least {group} scenes, got {n}")
+    if len(texts) != n or any(len(t) != rounds for t in texts):
+        raise ValueError(f"texts must be {n} lists of {rounds} captions, the shape of caption_emb")
+    img = F.normalize(image_emb.float(), dim=-1)
+    cap = F.normalize(caption_emb.float(), dim=-1)
+    hits = {k: 0 for k in ks}
+    total = 0
+    for start in range(0, n - group + 1, group):
+        gc = cap[start:start + group].reshape(group * rounds, -1)  # [G*R, D]
+        flat = [t for ts in texts[start:start + group] for t in ts]
+        order = (img[start:start + group] @ gc.T).argsort(dim=1, descending=True)[:, :max(ks)]  # [G, K]
+        for i, top in enumerate(order.tolist()):
+            own = set(texts[start + i])
+            first = next((r for r, j in enumerate(top) if flat[j] in own), len(top))
+            for k in ks:
+                hits[k] += first < k
+            total += 1
     return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
 
 

@@ -152,6 +152,22 @@ def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, sc
     return fig
 
 
+def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2):
+    """Images in a row: uint8 tensors ``[3, H, W]`` (as the world renders them in memory), arrays or PIL images."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(len(images) * scale, scale + 0.3), squeeze=False)
+    for i, (ax, img) in enumerate(zip(axes[0], images)):
+        if hasattr(img, "permute") and img.ndim == 3 and img.shape[0] in (1, 3):
+            img = img.permute(1, 2, 0).numpy()
+        ax.imshow(img)
+        ax.axis("off")
+        if i < len(titles):
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
     """Each image above the PCA colour map of its patch features (see :func:`llava_lite.patches.pca_rgb`)."""
     import matplotlib.pyplot as plt

@@ -250,14 +250,21 @@ CAPTIONERS = (_cap_enumerate, _cap_count, _cap_relation, _cap_location, _cap_col
               _cap_kinds, _cap_terse)
 
 
+def finish_caption(captioner, text: str | None) -> str | None:
+    """A captioner's text as a caption: a sentence (capital, full stop), except the terse ones."""
+    if not text or captioner is _cap_terse:
+        return text
+    return text[0].upper() + text[1:] + "."
+
+
 def captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     """``n`` captions, each by a different captioner, in the varied way people caption photos."""
     objs = scene.objects()
     out: list[str] = []
     for cap in rng.sample(CAPTIONERS, len(CAPTIONERS)):
-        text = cap(objs, rng)
+        text = finish_caption(cap, cap(objs, rng))
         if text and text not in out:
-            out.append(text if cap is _cap_terse else text[0].upper() + text[1:] + ".")
+            out.append(text)
         if len(out) == n:
             return out
     raise AssertionError(f"scene {scene.image_id}: only {len(out)} captions")  # every scene has >= 6 captioners

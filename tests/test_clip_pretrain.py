@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from llava_lite import world
-from llava_lite.clip_pretrain import (ClipTrainConfig, build_model, contrastive_loss, counterfactual, describe,
-                                      description_pair, encode_text, model_config, train)
+from llava_lite.clip_pretrain import (ClipTrainConfig, build_model, caption_truth_oracle, contrastive_loss,
+                                      counterfactual, describe, description_pair, encode_text, heldout_descriptions,
+                                      model_config, train)
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
-from llava_lite.probes import linear_probe, retrieval_recall
+from llava_lite.probes import linear_probe, retrieval_recall, scene_recall
 from llava_lite.vision import VisionTower
 
 
@@ -53,6 +54,52 @@ def test_retrieval_recall_counts_rank_of_own_caption():
     caps[:, 1] = torch.roll(torch.eye(100), 1, 0)  # round 2: caption i describes image i-1 (and i+1's fits i)
     r = retrieval_recall(img, caps)
     assert r["r@1"] == 0.5 and r["r@5"] == 1.0 and r["n"] == 200
+
+
+def test_scene_recall_counts_any_own_caption_or_the_same_string():
+    img = torch.eye(100)
+    caps = torch.zeros(100, 2, 100)
+    caps[:, 1] = torch.eye(100)  # each image matches only its own second caption
+    texts = [[f"vague {i}", f"telling {i}"] for i in range(100)]
+    assert scene_recall(img, caps, texts) == {"r@1": 1.0, "r@5": 1.0, "n": 100}
+    caps[:, 1] = torch.roll(torch.eye(100), 1, 0)  # image i now matches scene i+1's caption best
+    assert scene_recall(img, caps, texts)["r@1"] == 0.0
+    alike = [[f"vague {i}", "A picture of two objects."] for i in range(100)]  # the same string: a hit
+    assert scene_recall(img, caps, alike)["r@1"] == 1.0
+    with pytest.raises(ValueError, match="100 lists of 2 captions"):
+        scene_recall(img, caps, texts[:99])
+
+
+def test_caption_truth_oracle_finds_captions_that_fit_several_scenes():
+    a = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9))]
+    b = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9)),
+         Obj("green triangle", (0.6, 0.1, 0.9, 0.3))]
+    objects = [a, b] * 50
+    # every scene captioned "red circle and blue square" (true of a and of b: the terse caption
+    # names three objects at most), or "A picture of three objects." (true of b only)
+    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
+            ["red circle and blue square and green triangle", "A picture of three objects."] for i in range(100)]
+    o = caption_truth_oracle(objects, caps, draws=50)
+    assert o["coverage"] == 1.0 and o["n"] == 200
+    # round 1: "red circle and blue square and green triangle" is not true of a; round 2 is unambiguous
+    assert o["r@1"] == 1.0 and o["no_true_rival"] == 1.0
+    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
+            ["Circles, squares and triangles, every kind of shape.", "A picture of three objects."] for i in range(100)]
+    # scene b's round-1 rival "red circle and blue square" is not true of b (it has three objects and
+    # the terse caption lists them all); a's rival is not true of a: still unambiguous
+    assert caption_truth_oracle(objects, caps, draws=50)["r@1"] == 1.0
+    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
+            ["A red circle and a blue square.", "A picture of three objects."] for i in range(100)]
+    o = caption_truth_oracle(objects, caps, draws=300)
+    # "A red circle and a blue square." (an enumeration) is true of a, so each of a's round-1 queries
+    # has a true rival: half the round-1 queries score 1/2
+    assert o["r@1"] == pytest.approx((50 * 0.5 + 50 + 100) / 200) and o["no_true_rival"] == 0.75
+
+
+def test_heldout_descriptions_name_every_object_and_are_seeded():
+    objects = [[Obj("red circle", (0.1, 0.1, 0.2, 0.2)), Obj("blue square", (0.5, 0.5, 0.9, 0.9))]] * 3
+    d = heldout_descriptions(objects, "x")
+    assert d == heldout_descriptions(objects, "x") and all("red circle" in t and "blue square" in t for t in d)
 
 
 def test_linear_probe_beats_majority_on_separable_labels():
