@@ -284,7 +284,7 @@ def retrieval_report(model, tokenize_fn, images_u8: torch.Tensor, captions: list
 
     - ``captions``: each of a scene's world captions in turn against the same-numbered caption
       of the other scenes (:func:`~llava_lite.probes.retrieval_recall`). Many world captions fit
-      several scenes ("A picture of three objects."), so this one cannot reach 1:
+      several scenes ("A picture of three objects."), so seeing the image cannot settle this one:
       :func:`caption_truth_oracle` is what a model that knows which captions are true scores;
     - ``scenes``: each image against all captions of its group, a hit being any of its own
       (:func:`~llava_lite.probes.scene_recall`, the protocol of caption datasets such as COCO);
@@ -662,8 +662,8 @@ torch threads: {m['threads']}); {m['total_seconds'] / 60:.1f} min in all with lo
 Probes: logistic regression on the mean of the patch tokens (per-patch rows: on single patch
 tokens), trained on half the held-out scenes and scored on the other half. An untrained model scores recall@1 ~0.01.
 Retrieval: each image ranks the texts of its group of 100 scenes. Many world captions fit several
-scenes ("A picture of three objects."), so one caption per scene is a protocol no model can win
-(see the truth-reader row); the description, which names every object, singles its scene out.
+scenes ("A picture of three objects."), so with one caption per scene, seeing the image cannot say which
+of two true captions is its own (see the truth-reader row); the description, which names every object, singles its scene out.
 
 `LAB.md` (kept by hand) has the runs that led to these settings, and what moved the numbers.
 """
