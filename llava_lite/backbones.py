@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import io
 from .coco import SymbolicContext, load_contexts
 from .envcheck import training_device
+from .facts import Obj
 from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,13 @@ def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questio
 
 
 # ------------------------------------------------------------------------------ documents
-LAYOUTS = ("table", "boxes")
+LAYOUTS = ("table", "shuffled", "crossed", "boxes")
+SHUFFLED = {"shuffled": (), "crossed": ("down",)}  # the table with lines in random order; names shape first in these lines
 
 
-def scene_table(ctx: SymbolicContext) -> str:
-    """The context as the tiny LM reads it (layout ``table``): one line per view of the scene,
-    each listing every object with the key a question names first and the value it asks after::
+def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_first: Sequence[str] = ()) -> str:
+    """The context as the tiny LM reads it: one line per view of the scene, each listing every
+    object with the key a question names first and the value it asks after::
 
         objects: red circle, blue square
         colours: circle red, square blue
@@ -121,18 +123,31 @@ def scene_table(ctx: SymbolicContext) -> str:
         down: red circle 6, blue square 1
 
     ``across``/``down`` are box centres in tenths of the image (0 = left/top edge, 9 = right/
-    bottom). Every lookup a question needs is then "find the key, read what follows", which a
-    small causal LM learns far sooner than reading a colour *before* the word it found; two
+    bottom). Every lookup a question needs is then "find the key, read what follows"; two
     objects that a position question compares always differ by at least one tenth
     (``facts.RELATION_MARGIN`` is 0.12). Categories without a colour (COCO) have no colour line.
+
+    Layout ``table``: every line in the scene's object order. With ``rng`` (layouts ``shuffled``
+    and ``crossed``) each line lists the objects in its own random order, so a line cannot be
+    predicted by copying the one above it in order: reading it as text then trains the very
+    lookups the questions need ("the line said ``red circle``; here is ``red``, so ``circle``
+    follows"). The lines named in ``shape_first`` write each name shape first (``circle red 6``),
+    which makes the colour after a shape word as predictable as the shape after a colour word.
     """
     objs = ctx.objects
-    lines = ["objects: " + ", ".join(o.name for o in objs)]
+
+    def listed():
+        return rng.sample(objs, len(objs)) if rng is not None else objs
+
+    def name(o: Obj, line: str) -> str:
+        return f"{o.kind} {o.colour}" if line in shape_first and o.colour else o.name
+
+    lines = ["objects: " + ", ".join(o.name for o in listed())]
     if any(o.colour for o in objs):
-        lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in objs if o.colour))
-    lines.append("sizes: " + ", ".join(f"{o.name} {o.size}" for o in objs))
-    lines.append("across: " + ", ".join(f"{o.name} {_tenth(o.cx)}" for o in objs))
-    lines.append("down: " + ", ".join(f"{o.name} {_tenth(o.cy)}" for o in objs))
+        lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in listed() if o.colour))
+    lines.append("sizes: " + ", ".join(f"{name(o, 'sizes')} {o.size}" for o in listed()))
+    lines.append("across: " + ", ".join(f"{name(o, 'across')} {_tenth(o.cx)}" for o in listed()))
+    lines.append("down: " + ", ".join(f"{name(o, 'down')} {_tenth(o.cy)}" for o in listed()))
     return "\n".join(lines)
 
 
@@ -147,10 +162,16 @@ def reading_layout(tokenizer) -> str:
     return tokenizer.init_kwargs.get("reading_layout", "boxes")
 
 
-def reading_context(ctx: SymbolicContext, layout: str = "table") -> str:
-    """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`."""
+def reading_context(ctx: SymbolicContext, layout: str = "table", rng: random.Random | None = None) -> str:
+    """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`.
+
+    ``shuffled`` and ``crossed`` order each line at random: by ``rng`` while pretraining (a new
+    order every time a scene is read), else by the scene's id (the same text every time)."""
     if layout == "table":
         return scene_table(ctx)
+    if layout in SHUFFLED:
+        rng = rng if rng is not None else random.Random(f"{ctx.image_id}:{layout}")
+        return scene_table(ctx, rng, SHUFFLED[layout])
     if layout == "boxes":
         return object_lines(ctx)
     raise ValueError(f"unknown reading layout {layout!r}; expected one of {LAYOUTS}")
@@ -239,7 +260,7 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
     drills (:func:`lookup_drill`, ``table`` layout)."""
     docs = []
     for ctx in contexts:
-        lines = reading_context(ctx, layout)
+        lines = reading_context(ctx, layout, rng)
         if ctx.captions and rng.random() < caption_share:
             docs.append([{"role": "user", "content": f"{lines}\n{CAPTION_PROMPT}"},
                          {"role": "assistant", "content": rng.choice(ctx.captions)}])
@@ -342,7 +363,7 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     qa_per_doc: int = 8
-    layout: str = "table"  # how a context is written: "table" (scene_table) or "boxes" (object_lines)
+    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed" (scene_table) or "boxes" (object_lines)
     drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, "constant", or "wsd" (constant, then cosine
     decay_share: float = 0.3     # to min_lr over this last share of the steps)

@@ -133,10 +133,11 @@ def _read_table(table: str, qa) -> str:
     """Answer an exact question from a ``scene_table`` by lookups and one comparison only: what
     the tiny LM must learn to do."""
     rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in table.split("\n"))}
-    names = rows["objects"]
+    names = rows["objects"]  # always colour first
     words = re.findall(r"[a-z]+", qa.question.lower())
     named = [f"{a} {b}" for a, b in zip(words, words[1:]) if f"{a} {b}" in COLOUR_SHAPES]
-    value = lambda key, name: next(e.rsplit(" ", 1)[1] for e in rows[key] if e.rsplit(" ", 1)[0] == name)  # noqa: E731
+    value = lambda key, name: next(e.rsplit(" ", 1)[1] for e in rows[key]  # noqa: E731
+                                   if sorted(e.rsplit(" ", 1)[0].split()) == sorted(name.split()))  # either word order
     if qa.qtype == "colour":
         shape = next(w for w in words if w in SHAPES)
         return next(e.split()[1] for e in rows["colours"] if e.split()[0] == shape)
@@ -160,15 +161,40 @@ def _read_table(table: str, qa) -> str:
     return count_word(n)
 
 
-def test_scene_table_answers_every_exact_question_by_lookup(tmp_path):
+@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed"])
+def test_scene_table_answers_every_exact_question_by_lookup(tmp_path, layout):
     contexts = _heldout_contexts(tmp_path, 300, seed=3)
     rng, checked = random.Random(0), Counter()
     for ctx in contexts:
-        table = bb.scene_table(ctx)
+        table = bb.reading_context(ctx, layout)
         for qa in exact_questions(ctx.objects, rng, 8):
             assert _read_table(table, qa) == qa.answer, (table, qa)
             checked[qa.qtype] += 1
     assert set(checked) == set(QTYPES) and min(checked.values()) > 100, checked
+
+
+def test_shuffled_layouts_hold_the_table_lines_in_their_own_orders(small_tokenizer):
+    _, contexts = small_tokenizer
+    entries = lambda text: {k: sorted(v.split(", ")) for k, v in (l.split(": ", 1) for l in text.split("\n"))}  # noqa: E731
+    reordered = Counter()
+    for ctx in contexts:
+        table = bb.reading_context(ctx, "table")
+        for layout in ("shuffled", "crossed"):
+            text = bb.reading_context(ctx, layout)
+            assert text == bb.reading_context(ctx, layout)  # read again: the same text (seeded by the scene)
+            lines, ref = entries(text), entries(table)
+            assert list(lines) == list(ref)
+            for key in ref:
+                if layout == "crossed" and key == "down":  # names shape first: "circle red 6"
+                    flip = lambda e: " ".join(e.split()[:2][::-1] + e.split()[2:])  # noqa: E731
+                    assert sorted(flip(e) for e in lines[key]) == ref[key], (text, table)
+                else:
+                    assert lines[key] == ref[key], (text, table)
+            reordered[layout] += text.split("\n")[1:] != table.split("\n")[1:]
+        # pretraining draws a new order each time it reads a scene
+        orders = {bb.reading_context(ctx, "shuffled", random.Random(i)) for i in range(20)}
+        assert len(orders) > 1 or len(ctx.objects) == 1 or len({o.name for o in ctx.objects}) == 1
+    assert min(reordered.values()) > len(contexts) // 3, reordered
 
 
 def test_reading_layouts_and_the_layout_saved_with_the_tokenizer(small_tokenizer, tmp_path):
