@@ -310,6 +310,18 @@ def true_captions(objs: list[Obj], draws: int = 300) -> set[str]:
     return out
 
 
+def shared_caption(objects: list[list[Obj]], captions: list[list[str]], i: int = 0,
+                   draws: int = 100) -> tuple[int, int] | None:
+    """``(r, j)``: the first caption ``r`` of scene ``i`` (in caption order) that is also true of
+    another scene ``j`` of ``objects`` (by :func:`true_captions`), or ``None``."""
+    true: dict[int, set[str]] = {}
+    for r, text in enumerate(captions[i]):
+        for j in range(len(objects)):
+            if j != i and text in true.setdefault(j, true_captions(objects[j], draws)):
+                return r, j
+    return None
+
+
 def caption_truth_oracle(objects: list[list[Obj]], captions: list[list[str]], group: int = 100,
                          draws: int = 300) -> dict[str, float]:
     """What the ``captions`` protocol of :func:`retrieval_report` gives a reader that knows

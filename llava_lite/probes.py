@@ -35,6 +35,13 @@ def scene_labels(scenes: Sequence[Sequence[Obj]]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour}
 
 
+def _unit_embeddings(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both embeddings as float unit vectors, after checking there is at least one full group."""
+    if caption_emb.shape[0] < group:
+        raise ValueError(f"retrieval needs at least {group} scenes, got {caption_emb.shape[0]}")
+    return F.normalize(image_emb.float(), dim=-1), F.normalize(caption_emb.float(), dim=-1)
+
+
 @torch.no_grad()
 def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int = 100,
                      ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -44,11 +51,8 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
     Scenes beyond the last full group are left out. Only captions scored strictly higher than the
     right one count against it: an exact tie means the same text (two scenes captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
     """
-    n, rounds = caption_emb.shape[0], caption_emb.shape[1]
-    if n < group:
-        raise ValueError(f"retrieval needs at least {group} scenes, got {n}")
-    img = F.normalize(image_emb.float(), dim=-1)
-    cap = F.normalize(caption_emb.float(), dim=-1)
+    img, cap = _unit_embeddings(image_emb, caption_emb, group)
+    n, rounds = cap.shape[0], cap.shape[1]
     hits = {k: 0 for k in ks}
     total = 0
     for start in range(0, n - group + 1, group):
@@ -74,13 +78,10 @@ def scene_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, texts: Sequ
     one of the top k is one of its own captions, or the same string as one (two scenes can be
     captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
     """
-    n, rounds = caption_emb.shape[0], caption_emb.shape[1]
-    if n < group:
-        raise ValueError(f"retrieval needs at least {group} scenes, got {n}")
+    img, cap = _unit_embeddings(image_emb, caption_emb, group)
+    n, rounds = cap.shape[0], cap.shape[1]
     if len(texts) != n or any(len(t) != rounds for t in texts):
         raise ValueError(f"texts must be {n} lists of {rounds} captions, the shape of caption_emb")
-    img = F.normalize(image_emb.float(), dim=-1)
-    cap = F.normalize(caption_emb.float(), dim=-1)
     hits = {k: 0 for k in ks}
     total = 0
     for start in range(0, n - group + 1, group):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from llava_lite import world
 from llava_lite.clip_pretrain import (ClipTrainConfig, build_model, caption_truth_oracle, contrastive_loss,
                                       counterfactual, describe, description_pair, encode_text, heldout_descriptions,
-                                      model_config, train)
+                                      model_config, shared_caption, train)
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
 from llava_lite.probes import linear_probe, retrieval_recall, scene_recall
@@ -94,6 +94,14 @@ def test_caption_truth_oracle_finds_captions_that_fit_several_scenes():
     # "A red circle and a blue square." (an enumeration) is true of a, so each of a's round-1 queries
     # has a true rival: half the round-1 queries score 1/2
     assert o["r@1"] == pytest.approx((50 * 0.5 + 50 + 100) / 200) and o["no_true_rival"] == 0.75
+
+
+def test_shared_caption_finds_a_caption_true_of_another_scene():
+    a = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9))]
+    b = [Obj("green triangle", (0.6, 0.1, 0.9, 0.3))]
+    caps = [["red circle and blue square", "A picture of two objects."], ["green triangle", "A lone green triangle."]]
+    assert shared_caption([a, b, b], caps + [caps[1]], i=1) == (0, 2)  # scene 2 has the same objects as scene 1
+    assert shared_caption([a, b], caps, i=0) is None
 
 
 def test_heldout_descriptions_name_every_object_and_are_seeded():
