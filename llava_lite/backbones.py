@@ -108,11 +108,13 @@ def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questio
 
 
 # ------------------------------------------------------------------------------ documents
-LAYOUTS = ("table", "shuffled", "crossed", "boxes")
-SHUFFLED = {"shuffled": (), "crossed": ("down",)}  # the table with lines in random order; names shape first in these lines
+LAYOUTS = ("table", "shuffled", "crossed", "ranked", "boxes")
+# the table with lines in random order: (lines that name shape first, whether to add the ranked lines)
+SHUFFLED = {"shuffled": ((), False), "crossed": (("down",), False), "ranked": (("down",), True)}
 
 
-def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_first: Sequence[str] = ()) -> str:
+def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_first: Sequence[str] = (),
+                ranked: bool = False) -> str:
     """The context as the tiny LM reads it: one line per view of the scene, each listing every
     object with the key a question names first and the value it asks after::
 
@@ -133,6 +135,17 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     lookups the questions need ("the line said ``red circle``; here is ``red``, so ``circle``
     follows"). The lines named in ``shape_first`` write each name shape first (``circle red 6``),
     which makes the colour after a shape word as predictable as the shape after a colour word.
+
+    ``ranked`` (layout ``ranked``) adds the same two coordinates once more, sorted::
+
+        left to right: blue square 1, red circle 2
+        top to bottom: square blue 1, circle red 6
+
+    Nothing else in the context makes a reader fetch a coordinate: each digit is new where the
+    ``across``/``down`` line writes it, so predicting the text never asks for the lookup a position
+    question needs. A ranked line asks for it densely: its next name is the one with the smallest
+    digit not yet listed (a comparison), and the digit after a name is that name's value above (a
+    lookup, exactly as ``colours`` repeats the colour after a shape).
     """
     objs = ctx.objects
 
@@ -148,6 +161,11 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     lines.append("sizes: " + ", ".join(f"{name(o, 'sizes')} {o.size}" for o in listed()))
     lines.append("across: " + ", ".join(f"{name(o, 'across')} {_tenth(o.cx)}" for o in listed()))
     lines.append("down: " + ", ".join(f"{name(o, 'down')} {_tenth(o.cy)}" for o in listed()))
+    if ranked:
+        lines.append("left to right: " + ", ".join(f"{name(o, 'across')} {_tenth(o.cx)}"
+                                                  for o in sorted(objs, key=lambda o: o.cx)))
+        lines.append("top to bottom: " + ", ".join(f"{name(o, 'down')} {_tenth(o.cy)}"
+                                                  for o in sorted(objs, key=lambda o: o.cy)))
     return "\n".join(lines)
 
 
@@ -165,13 +183,14 @@ def reading_layout(tokenizer) -> str:
 def reading_context(ctx: SymbolicContext, layout: str = "table", rng: random.Random | None = None) -> str:
     """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`.
 
-    ``shuffled`` and ``crossed`` order each line at random: by ``rng`` while pretraining (a new
+    ``shuffled``, ``crossed`` and ``ranked`` order each line at random: by ``rng`` while pretraining (a new
     order every time a scene is read), else by the scene's id (the same text every time)."""
     if layout == "table":
         return scene_table(ctx)
     if layout in SHUFFLED:
         rng = rng if rng is not None else random.Random(f"{ctx.image_id}:{layout}")
-        return scene_table(ctx, rng, SHUFFLED[layout])
+        shape_first, ranked = SHUFFLED[layout]
+        return scene_table(ctx, rng, shape_first, ranked)
     if layout == "boxes":
         return object_lines(ctx)
     raise ValueError(f"unknown reading layout {layout!r}; expected one of {LAYOUTS}")
@@ -363,7 +382,7 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     qa_per_doc: int = 8
-    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed" (scene_table) or "boxes" (object_lines)
+    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed", "ranked" (scene_table) or "boxes" (object_lines)
     drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, "constant", or "wsd" (constant, then cosine
     decay_share: float = 0.3     # to min_lr over this last share of the steps)

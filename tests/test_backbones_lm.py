@@ -161,7 +161,7 @@ def _read_table(table: str, qa) -> str:
     return count_word(n)
 
 
-@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed"])
+@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed", "ranked"])
 def test_scene_table_answers_every_exact_question_by_lookup(tmp_path, layout):
     contexts = _heldout_contexts(tmp_path, 300, seed=3)
     rng, checked = random.Random(0), Counter()
@@ -195,6 +195,34 @@ def test_shuffled_layouts_hold_the_table_lines_in_their_own_orders(small_tokeniz
         orders = {bb.reading_context(ctx, "shuffled", random.Random(i)) for i in range(20)}
         assert len(orders) > 1 or len(ctx.objects) == 1 or len({o.name for o in ctx.objects}) == 1
     assert min(reordered.values()) > len(contexts) // 3, reordered
+
+
+def test_ranked_layout_repeats_each_coordinate_in_sorted_order(tmp_path):
+    contexts = _heldout_contexts(tmp_path, 200, seed=5)
+    rng, by_order = random.Random(0), Counter()
+    for i, ctx in enumerate(contexts):
+        text = bb.reading_context(ctx, "ranked", random.Random(i))
+        lines = text.split("\n")
+        # the crossed table, drawn from the same generator, then the two ranked lines
+        assert "\n".join(lines[:-2]) == bb.reading_context(ctx, "crossed", random.Random(i))
+        rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in lines)}
+        assert list(rows)[-2:] == ["left to right", "top to bottom"]
+        for key, axis in (("left to right", "across"), ("top to bottom", "down")):
+            assert sorted(rows[key]) == sorted(rows[axis]), text
+            digits = [int(e.rsplit(" ", 1)[1]) for e in rows[key]]
+            assert digits == sorted(digits), text
+        # a position question is answered by which of its two names the ranked line lists first
+        for qa in exact_questions(ctx.objects, rng, 8):
+            if qa.qtype != "position":
+                continue
+            words = re.findall(r"[a-z]+", qa.question.lower())
+            a, b = [f"{x} {y}" for x, y in zip(words, words[1:]) if f"{x} {y}" in COLOUR_SHAPES]
+            key, first, second = ("left to right", "left", "right") if "left" in words else ("top to bottom", "above", "below")
+            names = [" ".join(sorted(e.rsplit(" ", 1)[0].split())) for e in rows[key]]
+            ia, ib = names.index(" ".join(sorted(a.split()))), names.index(" ".join(sorted(b.split())))
+            assert (first if ia < ib else second) == qa.answer, (text, qa)
+            by_order[qa.answer] += 1
+    assert set(by_order) == {"left", "right", "above", "below"} and min(by_order.values()) > 20, by_order
 
 
 def test_reading_layouts_and_the_layout_saved_with_the_tokenizer(small_tokenizer, tmp_path):
