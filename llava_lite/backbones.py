@@ -159,13 +159,13 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     if any(o.colour for o in objs):
         lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in listed() if o.colour))
     lines.append("sizes: " + ", ".join(f"{name(o, 'sizes')} {o.size}" for o in listed()))
-    lines.append("across: " + ", ".join(f"{name(o, 'across')} {_tenth(o.cx)}" for o in listed()))
-    lines.append("down: " + ", ".join(f"{name(o, 'down')} {_tenth(o.cy)}" for o in listed()))
+    coord = {"across": lambda o: o.cx, "down": lambda o: o.cy}
+    at = lambda o, line: f"{name(o, line)} {_tenth(coord[line](o))}"  # noqa: E731
+    lines.append("across: " + ", ".join(at(o, "across") for o in listed()))
+    lines.append("down: " + ", ".join(at(o, "down") for o in listed()))
     if ranked:
-        lines.append("left to right: " + ", ".join(f"{name(o, 'across')} {_tenth(o.cx)}"
-                                                  for o in sorted(objs, key=lambda o: o.cx)))
-        lines.append("top to bottom: " + ", ".join(f"{name(o, 'down')} {_tenth(o.cy)}"
-                                                  for o in sorted(objs, key=lambda o: o.cy)))
+        lines.append("left to right: " + ", ".join(at(o, "across") for o in sorted(objs, key=coord["across"])))
+        lines.append("top to bottom: " + ", ".join(at(o, "down") for o in sorted(objs, key=coord["down"])))
     return "\n".join(lines)
 
 
