@@ -108,13 +108,16 @@ def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questio
 
 
 # ------------------------------------------------------------------------------ documents
-LAYOUTS = ("table", "shuffled", "crossed", "ranked", "boxes")
-# the table with lines in random order: (lines that name shape first, whether to add the ranked lines)
-SHUFFLED = {"shuffled": ((), False), "crossed": (("down",), False), "ranked": (("down",), True)}
+LAYOUTS = ("table", "shuffled", "crossed", "ranked", "sized", "boxes")
+# the table with lines in random order: (lines that name shape first, the lines written again sorted)
+SHUFFLED = {"shuffled": ((), ()), "crossed": (("down",), ()), "ranked": (("down",), ("across", "down")),
+            "sized": (("down",), ("across", "down", "sizes"))}
+# the heading of each line written again sorted
+RANKED = {"across": "left to right", "down": "top to bottom", "sizes": "small to large"}
 
 
 def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_first: Sequence[str] = (),
-                ranked: bool = False) -> str:
+                ranked: Sequence[str] = ()) -> str:
     """The context as the tiny LM reads it: one line per view of the scene, each listing every
     object with the key a question names first and the value it asks after::
 
@@ -136,7 +139,7 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     follows"). The lines named in ``shape_first`` write each name shape first (``circle red 6``),
     which makes the colour after a shape word as predictable as the shape after a colour word.
 
-    ``ranked`` (layout ``ranked``) adds the same two coordinates once more, sorted::
+    ``ranked`` names the lines written once more, sorted. Layout ``ranked`` adds both coordinates::
 
         left to right: blue square 1, red circle 2
         top to bottom: square blue 1, circle red 6
@@ -146,6 +149,13 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     question needs. A ranked line asks for it densely: its next name is the one with the smallest
     digit not yet listed (a comparison), and the digit after a name is that name's value above (a
     lookup, exactly as ``colours`` repeats the colour after a shape).
+
+    Layout ``sized`` adds the sizes as well, small ones first (in random order among themselves)::
+
+        small to large: blue square small, red circle large
+
+    for the same reason: the ``sizes`` line is the only place a size is written, so without this
+    line no size is ever looked up while reading, only when a size question asks.
     """
     objs = ctx.objects
 
@@ -163,9 +173,12 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     at = lambda o, line: f"{name(o, line)} {_tenth(coord[line](o))}"  # noqa: E731
     lines.append("across: " + ", ".join(at(o, "across") for o in listed()))
     lines.append("down: " + ", ".join(at(o, "down") for o in listed()))
-    if ranked:
-        lines.append("left to right: " + ", ".join(at(o, "across") for o in sorted(objs, key=coord["across"])))
-        lines.append("top to bottom: " + ", ".join(at(o, "down") for o in sorted(objs, key=coord["down"])))
+    for line in ranked:
+        if line == "sizes":  # two values: ties keep a random order
+            entries = (f"{name(o, line)} {o.size}" for o in sorted(listed(), key=lambda o: o.size == "large"))
+        else:
+            entries = (at(o, line) for o in sorted(objs, key=coord[line]))
+        lines.append(f"{RANKED[line]}: " + ", ".join(entries))
     return "\n".join(lines)
 
 
@@ -183,7 +196,7 @@ def reading_layout(tokenizer) -> str:
 def reading_context(ctx: SymbolicContext, layout: str = "table", rng: random.Random | None = None) -> str:
     """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`.
 
-    ``shuffled``, ``crossed`` and ``ranked`` order each line at random: by ``rng`` while pretraining (a new
+    ``shuffled``, ``crossed``, ``ranked`` and ``sized`` order each line at random: by ``rng`` while pretraining (a new
     order every time a scene is read), else by the scene's id (the same text every time)."""
     if layout == "table":
         return scene_table(ctx)
@@ -382,7 +395,7 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     qa_per_doc: int = 8
-    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed", "ranked" (scene_table) or "boxes" (object_lines)
+    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed", "ranked", "sized" (scene_table) or "boxes" (object_lines)
     drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, "constant", or "wsd" (constant, then cosine
     decay_share: float = 0.3     # to min_lr over this last share of the steps)

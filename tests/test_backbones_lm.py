@@ -161,7 +161,7 @@ def _read_table(table: str, qa) -> str:
     return count_word(n)
 
 
-@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed", "ranked"])
+@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed", "ranked", "sized"])
 def test_scene_table_answers_every_exact_question_by_lookup(tmp_path, layout):
     contexts = _heldout_contexts(tmp_path, 300, seed=3)
     rng, checked = random.Random(0), Counter()
@@ -223,6 +223,29 @@ def test_ranked_layout_repeats_each_coordinate_in_sorted_order(tmp_path):
             assert (first if ia < ib else second) == qa.answer, (text, qa)
             by_order[qa.answer] += 1
     assert set(by_order) == {"left", "right", "above", "below"} and min(by_order.values()) > 20, by_order
+
+
+def test_sized_layout_repeats_each_size_small_ones_first(tmp_path):
+    contexts = _heldout_contexts(tmp_path, 200, seed=6)
+    rng, asked, mixed = random.Random(0), Counter(), 0
+    for i, ctx in enumerate(contexts):
+        text = bb.reading_context(ctx, "sized", random.Random(i))
+        lines = text.split("\n")
+        # the ranked table, drawn from the same generator, then the sizes once more
+        assert "\n".join(lines[:-1]) == bb.reading_context(ctx, "ranked", random.Random(i))
+        rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in lines)}
+        assert list(rows)[-1] == "small to large"
+        assert sorted(rows["small to large"]) == sorted(rows["sizes"]), text
+        sizes = [e.rsplit(" ", 1)[1] for e in rows["small to large"]]
+        assert sizes == sorted(sizes, key=lambda w: w == "large"), text
+        mixed += len(set(sizes)) == 2
+        # a size question is answered by the word after its name in the new line
+        for qa in exact_questions(ctx.objects, rng, 8):
+            if qa.qtype == "size":
+                name = re.search(r"Is the (\w+ \w+) ", qa.question).group(1)
+                assert [e.rsplit(" ", 1)[1] for e in rows["small to large"] if e.rsplit(" ", 1)[0] == name] == [qa.answer]
+                asked[qa.answer] += 1
+    assert mixed > 50 and min(asked[a] for a in ("small", "large")) > 20, (mixed, asked)
 
 
 def test_reading_layouts_and_the_layout_saved_with_the_tokenizer(small_tokenizer, tmp_path):
