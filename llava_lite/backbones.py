@@ -108,16 +108,17 @@ def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questio
 
 
 # ------------------------------------------------------------------------------ documents
-LAYOUTS = ("table", "shuffled", "crossed", "ranked", "sized", "boxes")
-# the table with lines in random order: (lines that name shape first, the lines written again sorted)
-SHUFFLED = {"shuffled": ((), ()), "crossed": (("down",), ()), "ranked": (("down",), ("across", "down")),
-            "sized": (("down",), ("across", "down", "sizes"))}
+LAYOUTS = ("table", "shuffled", "crossed", "ranked", "sized", "paired", "boxes")
+# the table with lines in random order: (lines that name shape first, the lines written again sorted,
+# how many pairs of objects each coordinate is written again for)
+SHUFFLED = {"shuffled": ((), (), 0), "crossed": (("down",), (), 0), "ranked": (("down",), ("across", "down"), 0),
+            "sized": (("down",), ("across", "down", "sizes"), 0), "paired": (("down",), ("across", "down", "sizes"), 3)}
 # the heading of each line written again sorted
 RANKED = {"across": "left to right", "down": "top to bottom", "sizes": "small to large"}
 
 
 def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_first: Sequence[str] = (),
-                ranked: Sequence[str] = ()) -> str:
+                ranked: Sequence[str] = (), pairs: int = 0) -> str:
     """The context as the tiny LM reads it: one line per view of the scene, each listing every
     object with the key a question names first and the value it asks after::
 
@@ -156,6 +157,17 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
 
     for the same reason: the ``sizes`` line is the only place a size is written, so without this
     line no size is ever looked up while reading, only when a size question asks.
+
+    ``pairs`` (layout ``paired``: 3) writes both coordinates once more for that many random pairs
+    of differently named objects, the two names first and their two digits after them::
+
+        across pairs: red circle and blue square 2 1
+        down pairs: blue square and red circle 1 6
+
+    A ranked line asks for a digit right after its name; a position question names two objects
+    and asks, several words later, how their coordinates compare. A pair entry asks for exactly
+    those two lookups, from names read a few words before. It adds no fact the ``across`` and
+    ``down`` lines do not hold, and no relation word.
     """
     objs = ctx.objects
 
@@ -179,6 +191,13 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
         else:
             entries = (at(o, line) for o in sorted(objs, key=coord[line]))
         lines.append(f"{RANKED[line]}: " + ", ".join(entries))
+    if pairs:
+        named = [o for o in objs if sum(p.name == o.name for p in objs) == 1]
+        for line in ("across", "down"):
+            drawn = rng.sample([(a, b) for a in named for b in named if a is not b], min(pairs, len(named) * (len(named) - 1)))
+            if drawn:
+                lines.append(f"{line} pairs: " + ", ".join(
+                    f"{a.name} and {b.name} {_tenth(coord[line](a))} {_tenth(coord[line](b))}" for a, b in drawn))
     return "\n".join(lines)
 
 
@@ -196,14 +215,14 @@ def reading_layout(tokenizer) -> str:
 def reading_context(ctx: SymbolicContext, layout: str = "table", rng: random.Random | None = None) -> str:
     """The scene as text for the reading LM: :func:`scene_table` or :func:`object_lines`.
 
-    ``shuffled``, ``crossed``, ``ranked`` and ``sized`` order each line at random: by ``rng`` while pretraining (a new
+    ``shuffled``, ``crossed``, ``ranked``, ``sized`` and ``paired`` order each line at random: by ``rng`` while pretraining (a new
     order every time a scene is read), else by the scene's id (the same text every time)."""
     if layout == "table":
         return scene_table(ctx)
     if layout in SHUFFLED:
         rng = rng if rng is not None else random.Random(f"{ctx.image_id}:{layout}")
-        shape_first, ranked = SHUFFLED[layout]
-        return scene_table(ctx, rng, shape_first, ranked)
+        shape_first, ranked, pairs = SHUFFLED[layout]
+        return scene_table(ctx, rng, shape_first, ranked, pairs)
     if layout == "boxes":
         return object_lines(ctx)
     raise ValueError(f"unknown reading layout {layout!r}; expected one of {LAYOUTS}")
@@ -395,7 +414,7 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     qa_per_doc: int = 8
-    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed", "ranked", "sized" (scene_table) or "boxes" (object_lines)
+    layout: str = "table"  # how a context is written: "table", "shuffled", "crossed", "ranked", "sized", "paired" (scene_table) or "boxes" (object_lines)
     drill_share: float = 0.0  # questions replaced by lookup drills (table layout; see lookup_drill)
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, "constant", or "wsd" (constant, then cosine
     decay_share: float = 0.3     # to min_lr over this last share of the steps)

@@ -161,7 +161,7 @@ def _read_table(table: str, qa) -> str:
     return count_word(n)
 
 
-@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed", "ranked", "sized"])
+@pytest.mark.parametrize("layout", ["table", "shuffled", "crossed", "ranked", "sized", "paired"])
 def test_scene_table_answers_every_exact_question_by_lookup(tmp_path, layout):
     contexts = _heldout_contexts(tmp_path, 300, seed=3)
     rng, checked = random.Random(0), Counter()
@@ -246,6 +246,31 @@ def test_sized_layout_repeats_each_size_small_ones_first(tmp_path):
                 assert [e.rsplit(" ", 1)[1] for e in rows["small to large"] if e.rsplit(" ", 1)[0] == name] == [qa.answer]
                 asked[qa.answer] += 1
     assert mixed > 50 and min(asked[a] for a in ("small", "large")) > 20, (mixed, asked)
+
+
+def test_paired_layout_repeats_the_coordinates_of_named_pairs(tmp_path):
+    contexts = _heldout_contexts(tmp_path, 200, seed=7)
+    entries = Counter()
+    for i, ctx in enumerate(contexts):
+        text = bb.reading_context(ctx, "paired", random.Random(i))
+        lines = text.split("\n")
+        assert text == bb.reading_context(ctx, "paired", random.Random(i))  # the same generator, the same text
+        n = len(bb.reading_context(ctx, "sized", random.Random(i)).split("\n"))
+        # the sized table, drawn from the same generator, then a line of pairs per coordinate
+        assert "\n".join(lines[:n]) == bb.reading_context(ctx, "sized", random.Random(i))
+        rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in lines)}
+        unique = [o.name for o in ctx.objects if sum(p.name == o.name for p in ctx.objects) == 1]
+        assert list(rows)[n:] == (["across pairs", "down pairs"] if len(unique) > 1 else []), text
+        for axis in ("across", "down"):
+            digit = {e.rsplit(" ", 1)[0].split()[-1] + " " + e.rsplit(" ", 1)[0].split()[0] if axis == "down"
+                     else e.rsplit(" ", 1)[0]: e.rsplit(" ", 1)[1] for e in rows[axis]}
+            for e in rows.get(f"{axis} pairs", []):
+                m = re.fullmatch(r"(\w+ \w+) and (\w+ \w+) (\d) (\d)", e)
+                assert m and m[1] != m[2] and {m[1], m[2]} <= set(unique), (e, text)
+                assert (digit[m[1]], digit[m[2]]) == (m[3], m[4]), (e, text)
+                entries[axis] += 1
+            assert len(rows.get(f"{axis} pairs", [])) == min(3, len(unique) * (len(unique) - 1))
+    assert min(entries.values()) > 300, entries
 
 
 def test_reading_layouts_and_the_layout_saved_with_the_tokenizer(small_tokenizer, tmp_path):
