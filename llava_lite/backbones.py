@@ -41,7 +41,7 @@ from . import io
 from .coco import SymbolicContext, load_contexts
 from .envcheck import training_device
 from .facts import Obj
-from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct
+from .teachers.questions import QTYPES, ExactQA, exact_question, is_correct, unique_by
 
 log = logging.getLogger(__name__)
 
@@ -180,24 +180,24 @@ def scene_table(ctx: SymbolicContext, rng: random.Random | None = None, shape_fi
     lines = ["objects: " + ", ".join(o.name for o in listed())]
     if any(o.colour for o in objs):
         lines.append("colours: " + ", ".join(f"{o.kind} {o.colour}" for o in listed() if o.colour))
-    lines.append("sizes: " + ", ".join(f"{name(o, 'sizes')} {o.size}" for o in listed()))
     coord = {"across": lambda o: o.cx, "down": lambda o: o.cy}
-    at = lambda o, line: f"{name(o, line)} {_tenth(coord[line](o))}"  # noqa: E731
-    lines.append("across: " + ", ".join(at(o, "across") for o in listed()))
-    lines.append("down: " + ", ".join(at(o, "down") for o in listed()))
+    value = {"sizes": lambda o: o.size, "across": lambda o: _tenth(o.cx), "down": lambda o: _tenth(o.cy)}
+    at = lambda o, line: f"{name(o, line)} {value[line](o)}"  # noqa: E731
+    for line in ("sizes", "across", "down"):
+        lines.append(f"{line}: " + ", ".join(at(o, line) for o in listed()))
     for line in ranked:
         if line == "sizes":  # two values: ties keep a random order
-            entries = (f"{name(o, line)} {o.size}" for o in sorted(listed(), key=lambda o: o.size == "large"))
+            entries = (at(o, line) for o in sorted(listed(), key=lambda o: o.size == "large"))
         else:
             entries = (at(o, line) for o in sorted(objs, key=coord[line]))
         lines.append(f"{RANKED[line]}: " + ", ".join(entries))
     if pairs:
-        named = [o for o in objs if sum(p.name == o.name for p in objs) == 1]
+        named = unique_by(objs, lambda o: o.name)  # the objects a position question can name
         for line in ("across", "down"):
             drawn = rng.sample([(a, b) for a in named for b in named if a is not b], min(pairs, len(named) * (len(named) - 1)))
             if drawn:
                 lines.append(f"{line} pairs: " + ", ".join(
-                    f"{a.name} and {b.name} {_tenth(coord[line](a))} {_tenth(coord[line](b))}" for a, b in drawn))
+                    f"{a.name} and {b.name} {value[line](a)} {value[line](b)}" for a, b in drawn))
     return "\n".join(lines)
 
 

@@ -317,9 +317,11 @@ def shared_caption(objects: list[list[Obj]], captions: list[list[str]], i: int =
     true: dict[int, set[str]] = {}
     for r, text in enumerate(captions[i]):
         for j in range(len(objects)):
-            if j != i and j not in true:
+            if j == i:
+                continue
+            if j not in true:
                 true[j] = true_captions(objects[j], draws)
-            if j != i and text in true[j]:
+            if text in true[j]:
                 return r, j
     return None
 

@@ -255,9 +255,10 @@ def test_paired_layout_repeats_the_coordinates_of_named_pairs(tmp_path):
         text = bb.reading_context(ctx, "paired", random.Random(i))
         lines = text.split("\n")
         assert text == bb.reading_context(ctx, "paired", random.Random(i))  # the same generator, the same text
-        n = len(bb.reading_context(ctx, "sized", random.Random(i)).split("\n"))
+        sized = bb.reading_context(ctx, "sized", random.Random(i))
+        n = len(sized.split("\n"))
         # the sized table, drawn from the same generator, then a line of pairs per coordinate
-        assert "\n".join(lines[:n]) == bb.reading_context(ctx, "sized", random.Random(i))
+        assert "\n".join(lines[:n]) == sized
         rows = {k: v.split(", ") for k, v in (line.split(": ", 1) for line in lines)}
         unique = [o.name for o in ctx.objects if sum(p.name == o.name for p in ctx.objects) == 1]
         assert list(rows)[n:] == (["across pairs", "down pairs"] if len(unique) > 1 else []), text

@@ -56,13 +56,14 @@ def count_word(n: int) -> str:
     return "zero" if n == 0 else NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
 
-def _unique(objs: list[Obj], key) -> list[Obj]:
+def unique_by(objs: list[Obj], key) -> list[Obj]:
+    """The objects whose ``key`` no other object shares (the ones a question can name)."""
     c = Counter(key(o) for o in objs)
     return [o for o in objs if c[key(o)] == 1]
 
 
 def _colour(objs, rng):
-    cands = [o for o in _unique(objs, lambda o: o.kind) if o.colour]
+    cands = [o for o in unique_by(objs, lambda o: o.kind) if o.colour]
     if not cands:
         return None
     o = rng.choice(cands)
@@ -72,7 +73,7 @@ def _colour(objs, rng):
 
 
 def _shape(objs, rng):
-    cands = [o for o in _unique(objs, lambda o: o.colour) if o.colour]
+    cands = [o for o in unique_by(objs, lambda o: o.colour) if o.colour]
     if not cands:
         return None
     o = rng.choice(cands)
@@ -82,7 +83,7 @@ def _shape(objs, rng):
 
 
 def _position(objs, rng):
-    named = _unique(objs, lambda o: o.name)
+    named = unique_by(objs, lambda o: o.name)
     pairs = []
     for a in named:
         for b in named:
@@ -125,7 +126,7 @@ def _exist(objs, rng):
 
 
 def _size(objs, rng):
-    named = _unique(objs, lambda o: o.name)
+    named = unique_by(objs, lambda o: o.name)
     if not named:
         return None
     o = rng.choice(named)
