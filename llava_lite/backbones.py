@@ -429,6 +429,8 @@ class LMConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there too); the shipped LM's card says which
+    workers: int = 0  # background processes building the documents (0: in the training loop); for a GPU,
+    #                   whose steps are quicker than the batch building
     eval_every: int = 250
     eval_scenes: int = 150
     checkpoint_every: int = 250
@@ -436,7 +438,7 @@ class LMConfig:
 
 
 # where and how fast a run goes, not what it learns: a checkpoint resumes under other values of these
-RUNTIME_FIELDS = ("device", "threads")
+RUNTIME_FIELDS = ("device", "threads", "workers")
 
 
 def build_model(cfg: LMConfig, tokenizer):
@@ -574,6 +576,40 @@ class DocStream:
         return ids, weights
 
 
+class _Groups(torch.utils.data.Dataset):
+    """Item ``i``: the batches of length group ``first + i`` of a :class:`DocStream`."""
+
+    def __init__(self, stream: DocStream, first: int, last: int):
+        self.stream, self.first, self.last = stream, first, last
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, i: int) -> list:
+        n = self.stream.cfg.length_group
+        return [self.stream.batch((self.first + i) * n + k) for k in range(n)]
+
+
+def stream_batches(stream: DocStream, start: int, steps: int, workers: int = 0):
+    """``stream.batch(s)`` for ``s`` in ``start .. steps - 1``, built in order in the loop or, with
+    ``workers`` > 0, a group of batches at a time in that many background processes (the same
+    batches: each step's documents depend on its step alone)."""
+    if workers <= 0:
+        for s in range(start, steps):
+            yield stream.batch(s)
+        return
+    n = stream.cfg.length_group
+    first, last = start // n, -(-steps // n)
+    loader = torch.utils.data.DataLoader(_Groups(stream, first, last), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4)
+    s = first * n
+    for group in loader:
+        for b in group:
+            if start <= s < steps:
+                yield b
+            s += 1
+
+
 def lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over the tokens whose label is not -100."""
     logits = model(input_ids=ids).logits  # [B, T, V]
@@ -640,8 +676,7 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     bar = tqdm(range(start, cfg.steps), desc="pretrain LM", disable=not progress, initial=start, total=cfg.steps)
     t0 = time.perf_counter() - elapsed
     with open(log_path, "a") as logf:
-        for step in bar:
-            ids, weights = stream.batch(step)  # [B, T]
+        for step, (ids, weights) in zip(bar, stream_batches(stream, start, cfg.steps, cfg.workers)):  # [B, T]
             ids, weights = ids.to(dev, non_blocking=True), weights.to(dev, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)

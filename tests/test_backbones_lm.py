@@ -323,12 +323,25 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.002 there, 0.001 now\)"):
         bb.pretrain_lm(train, val, tmp_path / "resumed", replace(cfg, lr=1e-3), tokenizer=tok, progress=False)
-    # where it runs (device, threads) is not what it learns: the run resumes under other values
-    bb.pretrain_lm(train, val, tmp_path / "resumed", replace(cfg, threads=2), tokenizer=tok, progress=False)
+    # where it runs (device, threads, workers) is not what it learns: the run resumes under other
+    # values, here with its documents built in a background process from step 6, inside a length group
+    bb.pretrain_lm(train, val, tmp_path / "resumed", replace(cfg, threads=2, workers=1), tokenizer=tok, progress=False)
     straight, _ = bb.read_log(tmp_path / "straight" / "log.jsonl")
     resumed, _ = bb.read_log(tmp_path / "resumed" / "log.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-4)
+
+
+def test_background_workers_build_the_same_batches_from_any_step(small_tokenizer):
+    tok, contexts = small_tokenizer
+    cfg = bb.LMConfig(batch_size=3, qa_per_doc=2, length_group=4, text_share=0.5)
+    stream = bb.DocStream(contexts[:50], bb.ChatEncoder(tok), cfg, tok.pad_token_id)
+    for start, steps in ((0, 8), (5, 11), (7, 8)):
+        inline = [stream.batch(s) for s in range(start, steps)]
+        built = list(bb.stream_batches(stream, start, steps, workers=2))
+        assert len(built) == steps - start
+        for (ids, w), (ids2, w2) in zip(inline, built):
+            assert torch.equal(ids, ids2) and torch.equal(w, w2)
 
 
 def test_lookup_drills_answer_from_the_table_and_never_leak_a_size_answer(small_tokenizer):
