@@ -138,9 +138,10 @@ def run_stage(preset: Preset, layout: Layout, model: LlavaLite, tokenizer, feats
     return summary
 
 
-def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None, lora: bool | None = None) -> LlavaLite:
+def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None, lora: bool | None = None,
+                   seed: int | None = None) -> LlavaLite:
     """Load the stage-1 projector (checked against this model) and add LoRA adapters when
-    ``lora`` (default: the preset's choice) says so."""
+    ``lora`` (default: the preset's choice) says so, drawn from ``seed`` when one is given."""
     from .train import load_trained
 
     if stage1_checkpoint is not None:
@@ -151,7 +152,10 @@ def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | N
         raise ValueError("the language model was loaded in 4 bits (language.load_in_4bit): its weights cannot be "
                          "fine-tuned in full; turn on model.lora (QLoRA trains adapters over the 4-bit base)")
     if use_lora:
-        apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
     return model
 
 
@@ -187,6 +191,8 @@ def register_cli(sub) -> None:
     t.add_argument("--lm-lr", type=float, help="stage 2: the language model's learning rate (default: the preset's)")
     t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="stage 2: LoRA adapters (default: the preset's)")
     t.add_argument("--blind", action="store_true", help="train without image tokens (the blind baseline)")
+    t.add_argument("--seed", type=int, help="the projector's initial weights, LoRA's and the batch order "
+                                            "(default: the preset's)")
 
     def run_train(args):
         from .config import get_preset
@@ -199,7 +205,7 @@ def register_cli(sub) -> None:
         with acc.main_process_first():
             feats = None if args.blind else features(layout, "train", tower, progress=acc.is_main_process)
         lm, tokenizer = load_language(preset.language)
-        model = build_llava(preset, lm, tokenizer, tower)
+        model = build_llava(preset, lm, tokenizer, tower, seed=args.seed)
         out = args.out or run_dir(layout, args.stage, "blind" if args.blind else "")
         samples = stage_samples(layout, "train", args.stage)
         if args.stage == 2:
@@ -208,10 +214,10 @@ def register_cli(sub) -> None:
             ckpt = args.stage1 or latest_checkpoint(run_dir(layout, 1))
             if ckpt is None and not args.blind:
                 raise FileNotFoundError(f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first")
-            prepare_stage2(preset, model, None if args.blind else ckpt, args.lora)
+            prepare_stage2(preset, model, None if args.blind else ckpt, args.lora, args.seed)
             samples = blind_samples(samples) if args.blind else samples
         overrides = {"max_steps": args.max_steps} if args.max_steps else {}
-        overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr", "batch_size") if getattr(args, k) is not None})
+        overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr", "batch_size", "seed") if getattr(args, k) is not None})
         summary = run_stage(preset, layout, model, tokenizer, feats, args.stage, samples, out, resume=args.resume,
                             accelerator=acc, **overrides)
         log.info("stage %d done: %s", args.stage, {k: summary[k] for k in ("steps", "seconds", "last")})

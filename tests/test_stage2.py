@@ -52,6 +52,38 @@ def test_lora_trains_adapters_and_projector_and_the_checkpoint_keeps_both(tok, e
         assert torch.allclose(merged(**kw).logits, before, atol=1e-4)
 
 
+def test_a_seed_draws_the_lora_adapters_and_leaves_the_global_generator_alone(tok):
+    from llava_lite.config import get_preset
+    from llava_lite.pipeline import prepare_stage2
+
+    preset = get_preset("tiny")
+
+    def adapters(model, seed):
+        model = prepare_stage2(preset, model, None, lora=True, seed=seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    models = [tiny_llava(tok) for _ in range(3)]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    one, again, two = adapters(models[0], 1), adapters(models[1], 1), adapters(models[2], 2)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    assert one and set(one) == set(two)
+    assert all(torch.equal(one[n], again[n]) for n in one)
+    assert not any(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_train_command_takes_a_seed():
+    import argparse
+
+    from llava_lite.pipeline import register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    assert parser.parse_args(["train", "--stage", "2", "--seed", "3"]).seed == 3
+    assert parser.parse_args(["train", "--stage", "1"]).seed is None  # the preset's
+
+
 def test_memory_estimate_names_the_setting_to_change_instead_of_running_out(tok, monkeypatch):
     model = tiny_llava(tok)
     set_trainable(model, 2)
