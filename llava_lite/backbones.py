@@ -429,8 +429,7 @@ class LMConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there too); the shipped LM's card says which
-    workers: int = 0  # background processes building the documents (0: in the training loop); for a GPU,
-    #                   whose steps are quicker than the batch building
+    workers: int = 0  # processes building the documents beside the loop (0: none); a GPU step outruns the building
     eval_every: int = 250
     eval_scenes: int = 150
     checkpoint_every: int = 250
