@@ -20,7 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llava_lite import world
 from llava_lite.config import WorldConfig
 from llava_lite.features import FeatureReader, cache_folder, extract, split_images
-from llava_lite.model import LlavaConfig, LlavaLite
+from llava_lite.config import LlavaConfig
+from llava_lite.model import LlavaLite
 from llava_lite.vision import VisionTower
 
 LM = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,

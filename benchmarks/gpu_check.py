@@ -16,7 +16,8 @@ import time
 import torch
 
 from llava_lite.config import get_preset
-from llava_lite.model import LlavaConfig, LlavaLite, apply_lora
+from llava_lite.config import LlavaConfig
+from llava_lite.model import LlavaLite, apply_lora
 from llava_lite.train import set_trainable
 from llava_lite.vision import VisionTower
 

@@ -19,7 +19,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from llava_lite.model import LlavaConfig, LlavaLite
+from llava_lite.config import LlavaConfig
+from llava_lite.model import LlavaLite
 from llava_lite.vision import VisionTower
 
 # towers: (image, patch, width, layers, heads); "tiny" is the shipped tiny CLIP's shape

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from llava_lite.config import get_preset
-from llava_lite.model import LlavaConfig, LlavaLite, add_image_token
+from llava_lite.config import LlavaConfig
+from llava_lite.model import LlavaLite, add_image_token
 from llava_lite.pipeline import load_language
 from llava_lite.train import set_trainable
 

@@ -5,7 +5,11 @@ A preset only changes names and sizes: every stage runs the same functions in ev
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import io
 
 
 @dataclass
@@ -75,6 +79,36 @@ class ModelConfig:
 
 
 @dataclass
+class LlavaConfig:
+    """What a LLaVA checkpoint was built for (saved beside its weights as ``llava_config.json``)."""
+
+    vision_key: str  # the vision tower's cache_key: encoder, weights, layer, CLS choice
+    vision_dim: int
+    num_image_tokens: int
+    lm_name: str  # hub name or folder of the language model
+    lm_dim: int
+    projector_type: str = "mlp2x_gelu"
+    image_token_id: int = -1
+
+    def save(self, folder: Path) -> None:
+        io.write_json(Path(folder) / "llava_config.json", asdict(self), indent=2)
+
+    @classmethod
+    def load(cls, folder: Path) -> "LlavaConfig":
+        path = Path(folder) / "llava_config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: not a llava-lite checkpoint (no llava_config.json)")
+        return cls(**json.loads(path.read_text()))
+
+    def check_compatible(self, other: "LlavaConfig", what: str) -> None:
+        """A clear error when a checkpoint belongs to another encoder, LM or projector."""
+        for field in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
+            a, b = getattr(self, field), getattr(other, field)
+            if a != b:
+                raise ValueError(f"{what} was made for {field}={b!r}, but this model has {field}={a!r}")
+
+
+@dataclass
 class TrainConfig:
     """One stage of the training loop (:mod:`llava_lite.train`)."""
 
@@ -105,9 +139,7 @@ class Preset:
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # the tiny preset's schedules, sized for minutes on two CPU cores. Stage 2: 2000 steps with the LM's
-    # learning rate twice the projector's, the best of the settings measured (README, "Where the tiny
-    # preset stands"); a step takes ~0.18 s on two cores, and the blind baseline trains as many
+    # the tiny preset's schedules, sized for minutes on two CPU cores (docs/results.md has how they were chosen)
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
     stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=1e-3, lm_lr=2e-3, batch_size=16,
                                                                      max_steps=2000, group_by_length=True))

@@ -6,11 +6,12 @@ everything and the loss is silently 0. Here each turn is rendered and tokenised 
 piece, and the label of every token is decided as the piece is added: assistant replies (and
 the end-of-turn marker after them) are learned, everything else is -100 *by construction*.
 
-Two templates:
+Three templates:
 
 - ``plain`` (stage 1, as LLaVA-1.5's pretraining): ``<image>`` then the caption, nothing else;
 - ``chat`` (stage 2): the language model's own chat template when its tokenizer has one,
-  split into pieces by rendering growing prefixes of the conversation.
+  split into pieces by rendering growing prefixes of the conversation;
+- ``roles``: the tiny LM's chat layout written piece by piece (its pretraining documents).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 IGNORE = -100
+# the role tokens of the tiny LM's chat layout (see RoleTokenTemplate)
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+ROLE_TOKENS = (USER, ASSISTANT, END)
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
@@ -154,7 +158,35 @@ class ChatTemplate(Template):
                 f"earlier text ({done[-40:]!r} -> {text[len(done) - 40:len(done)]!r}); labels cannot be built per turn")
 
 
-TEMPLATES = {"plain": PlainTemplate, "chat": ChatTemplate}
+class RoleTokenTemplate(Template):
+    """The tiny LM's chat layout written out piece by piece, without rendering a Jinja template:
+    ``<|user|>{content}<|end|><|assistant|>{reply}<|end|>``, a system message as plain text and a
+    newline. Its tokens equal those of the tiny LM's own ``chat_template`` (a test checks this);
+    its pieces repeat from document to document, so tokenising many documents stays cheap."""
+
+    name = "roles"
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        missing = [t for t in ROLE_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise TemplateError(f"the roles template needs the special tokens {missing}, which this tokenizer lacks")
+
+    def pieces(self, messages, generation=False):
+        out: list[tuple[str, bool]] = []
+        for m in messages:
+            if m["role"] == "system":
+                out.append((m["content"] + "\n", False))
+            elif m["role"] == "user":
+                out += [(USER, False), (m["content"], False), (END, False)]
+            else:
+                out += [(ASSISTANT, False), (m["content"], True), (END, True)]
+        if generation:
+            out.append((ASSISTANT, False))
+        return out
+
+
+TEMPLATES = {"plain": PlainTemplate, "chat": ChatTemplate, "roles": RoleTokenTemplate}
 
 
 def get_template(name: str, tokenizer) -> Template:

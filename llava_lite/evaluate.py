@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import io
-from .conversation import IMAGE_TOKEN, Encoded, Template, expand_image
+from .conversation import IGNORE, IMAGE_TOKEN, Template
+from .generate import evaluating, greedy_replies, question_prompt, stop_id
+from .model import token_loss
+from .scene_text import reading_context, reading_layout
 from .teachers.questions import QTYPES, is_correct, normalise_answer
 
 log = logging.getLogger(__name__)
@@ -58,49 +60,6 @@ def blind_samples(samples: Sequence[dict]) -> list[dict]:
     return out
 
 
-def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list[int]], pad_id: int, stop_id: int,
-                   decode: Callable[[list[int]], str], batch_size: int = 64, max_new_tokens: int = 4,
-                   extras: Callable[[list[int]], dict] | None = None, returns_prompt: bool = False,
-                   progress: bool = False, device: torch.device | str | None = None) -> list[str]:
-    """Replies to ``prompts`` (token id lists), batched by length and left-padded.
-
-    ``generate(input_ids=, attention_mask=, max_new_tokens=, **extras(batch_indices))`` is a
-    model's ``generate``; ``returns_prompt`` says whether its output starts with the prompt;
-    ``device``: where the prompts and the ``extras`` tensors go (the model's), if not the CPU.
-    """
-    replies: dict[int, str] = {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        idx = order[s:s + batch_size]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # [B, T], left padded
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, T - len(prompts[i]):] = 1
-        more = extras(idx) if extras else {}
-        if device is not None:
-            ids, mask = ids.to(device), mask.to(device)
-            more = {k: v.to(device) if torch.is_tensor(v) else v for k, v in more.items()}
-        out = generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=stop_id, pad_token_id=pad_id, **more)
-        out = out[:, T:] if returns_prompt else out  # [B, new]
-        for b, i in enumerate(idx):
-            new = out[b].tolist()
-            replies[i] = decode(new[: new.index(stop_id)] if stop_id in new else new)
-    return [replies[i] for i in range(len(prompts))]
-
-
-def question_prompt(model, template: Template, question: str, sample_id: str = "", image: bool = True) -> list[int]:
-    """Token ids asking ``question`` in one human turn (after ``<image>``, grown to one slot per
-    patch token, when ``image``), ready for the model to answer."""
-    ids = template.prompt([{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if image else question}], sample_id)
-    if not image:
-        return ids
-    pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
-    return expand_image(Encoded(ids, ids, sample_id, pos), model.config.num_image_tokens).input_ids
-
-
 def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], features: Callable[[str], torch.Tensor] | None,
               batch_size: int = 64, blind: bool = False, progress: bool = False) -> list[str]:
     """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them)."""
@@ -111,25 +70,11 @@ def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], featu
             return {}
         return {"image_features": torch.stack([features(items[i].image) for i in idx])}
 
-    stop = _stop_id(tokenizer)
-    was = model.training
-    model.eval()
-    try:
-        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
+    with evaluating(model):
+        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop_id(tokenizer),
                               lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
                               extras=extras, returns_prompt=False, progress=progress,
                               device=next(model.parameters()).device)
-    finally:
-        model.train(was)
-
-
-def _stop_id(tokenizer) -> int:
-    """The token that ends an assistant turn: ``<|end|>`` / ``<|im_end|>`` when present, else EOS."""
-    vocab = tokenizer.get_vocab()
-    for t in ("<|end|>", "<|im_end|>", "<|eot_id|>"):
-        if t in vocab:
-            return vocab[t]
-    return tokenizer.eos_token_id
 
 
 def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
@@ -138,15 +83,23 @@ def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
 
 
 def score(recs: Sequence[dict]) -> dict:
-    """Overall and per-type accuracy of per-question records."""
-    per = defaultdict(list)
+    """Overall and per-type accuracy of per-question records, with each type's question count and,
+    when the records carry the true ``answer``, its most-common-answer share (``baseline``)."""
+    per, answers = defaultdict(list), defaultdict(Counter)
     for r in recs:
         per[r["qtype"]].append(r["correct"])
-    out = {"overall": sum(r["correct"] for r in recs) / max(1, len(recs)), "questions": len(recs), "accuracy": {}, "count": {}}
+        if "answer" in r:
+            answers[r["qtype"]][r["answer"]] += 1
+    out = {"overall": sum(r["correct"] for r in recs) / max(1, len(recs)), "questions": len(recs), "accuracy": {},
+           "count": {}}
+    if answers:
+        out["baseline"] = {}
     for t in QTYPES:
         if per[t]:
             out["accuracy"][t] = sum(per[t]) / len(per[t])
             out["count"][t] = len(per[t])
+            if answers:
+                out["baseline"][t] = answers[t].most_common(1)[0][1] / len(per[t])
     return out
 
 
@@ -155,9 +108,9 @@ def most_common_answer(items: Sequence[Item]) -> dict:
     answers = defaultdict(Counter)
     for it in items:
         answers[it.qtype][it.answer] += 1
-    recs = [{"qtype": it.qtype, "correct": it.answer == answers[it.qtype].most_common(1)[0][0]} for it in items]
-    result = score(recs)
-    result["answers"] = {t: c.most_common(1)[0][0] for t, c in answers.items()}
+    top = {t: c.most_common(1)[0][0] for t, c in answers.items()}
+    result = score([{"qtype": it.qtype, "correct": it.answer == top[it.qtype]} for it in items])
+    result["answers"] = top
     return result
 
 
@@ -182,22 +135,14 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
 @torch.no_grad()
 def mean_loss(model, examples, collate, batch_size: int = 64) -> float:
     """Mean next-token loss over the learned tokens of ``examples`` (e.g. held-out captions)."""
-    import torch.nn.functional as F
-
-    from .conversation import IGNORE
-
-    was = model.training
-    model.eval()
     total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    image_features=batch.get("image_features"))
-        logits, target = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((target != IGNORE).sum())
-    model.train(was)
+    with evaluating(model):
+        for s in range(0, len(examples), batch_size):
+            batch = collate(examples[s:s + batch_size])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        image_features=batch.get("image_features"))
+            total += token_loss(out.logits, batch["labels"], reduction="sum").item()
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
     return total / max(1, count)
 
 
@@ -218,36 +163,26 @@ def describe(model, template, tokenizer, images: Sequence[str], features: Callab
              instruction: str = "Describe the image briefly.", max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     """What the model says about each image when asked ``instruction`` (greedy)."""
     prompts = [question_prompt(model, template, instruction, name) for name in images]
-    stop = _stop_id(tokenizer) if template.name == "chat" else tokenizer.eos_token_id
-    was = model.training
-    model.eval()
-    try:
+    stop = stop_id(tokenizer) if template.name == "chat" else tokenizer.eos_token_id
+    with evaluating(model):
         return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
                               lambda t: tokenizer.decode(t, skip_special_tokens=True).strip(), batch_size,
                               max_new_tokens=max_new_tokens,
                               extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])},
                               device=next(model.parameters()).device)
-    finally:
-        model.train(was)
 
 
 def ask_reader(lm, template: Template, tokenizer, items: Sequence[Item], contexts: dict, batch_size: int = 64,
-               progress: bool = False) -> list[str]:
+               max_new_tokens: int = 4, progress: bool = False) -> list[str]:
     """The language model alone, reading each item's symbolic context as text (in the layout it
-    was pretrained on, :func:`~llava_lite.backbones.reading_context`) in the place where LLaVA
+    was pretrained on, :func:`~llava_lite.scene_text.reading_context`) in the place where LLaVA
     puts the image: the paper's text-only row. ``contexts`` maps an image file name to its
     :class:`~llava_lite.coco.SymbolicContext`."""
-    from .backbones import reading_context, reading_layout
-
     layout = reading_layout(tokenizer)
     prompts = [template.prompt([{"from": "human", "value": f"{reading_context(contexts[it.image], layout)}\n{it.question}"}],
                                it.sample_id)
                for it in items]
-    was = lm.training
-    lm.eval()
-    try:
-        return greedy_replies(lm.generate, prompts, tokenizer.pad_token_id, _stop_id(tokenizer),
+    with evaluating(lm):
+        return greedy_replies(lm.generate, prompts, tokenizer.pad_token_id, stop_id(tokenizer),
                               lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                              returns_prompt=True, progress=progress, device=lm.device)
-    finally:
-        lm.train(was)
+                              max_new_tokens=max_new_tokens, returns_prompt=True, progress=progress, device=lm.device)

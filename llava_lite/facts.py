@@ -8,6 +8,8 @@ Boxes are ``(x1, y1, x2, y2)`` normalised to 0..1, origin top-left.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -64,6 +66,13 @@ class Obj:
     @property
     def size(self) -> str:
         return "large" if max(self.w, self.h) >= LARGE_SIDE else "small"
+
+
+def unique_by(objs: list[Obj], key=lambda o: o.name) -> list[Obj]:
+    """The objects whose ``key`` (default: the name) no other object shares: the only ones a
+    sentence or a question can call "the <key>"."""
+    c = Counter(key(o) for o in objs)
+    return [o for o in objs if c[key(o)] == 1]
 
 
 def plural(word: str) -> str:

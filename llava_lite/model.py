@@ -7,15 +7,14 @@ the model sees it (:func:`llava_lite.conversation.expand_image`), so splicing is
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .conversation import IMAGE_TOKEN
+from .config import LlavaConfig
+from .conversation import IGNORE, IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -40,36 +39,6 @@ class Projector(nn.Module):
         if self.kind == "mlp2x_gelu":
             x = self.linear_2(self.act(x))
         return x
-
-
-@dataclass
-class LlavaConfig:
-    vision_key: str  # the vision tower's cache_key: encoder, weights, layer, CLS choice
-    vision_dim: int
-    num_image_tokens: int
-    lm_name: str  # hub name or folder of the language model
-    lm_dim: int
-    projector_type: str = "mlp2x_gelu"
-    image_token_id: int = -1
-
-    def save(self, folder: Path) -> None:
-        from . import io
-
-        io.write_json(Path(folder) / "llava_config.json", asdict(self), indent=2)
-
-    @classmethod
-    def load(cls, folder: Path) -> "LlavaConfig":
-        path = Path(folder) / "llava_config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{folder}: not a llava-lite checkpoint (no llava_config.json)")
-        return cls(**json.loads(path.read_text()))
-
-    def check_compatible(self, other: "LlavaConfig", what: str) -> None:
-        """A clear error when a checkpoint belongs to another encoder, LM or projector."""
-        for field in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
-            a, b = getattr(self, field), getattr(other, field)
-            if a != b:
-                raise ValueError(f"{what} was made for {field}={b!r}, but this model has {field}={a!r}")
 
 
 def add_image_token(tokenizer, lm) -> int:
@@ -143,6 +112,21 @@ class LlavaLite(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position ``t`` predicts ``labels[t + 1]``; labels of -100 are not
+    learned. ``reduction``: ``"mean"`` over the learned tokens or ``"sum"``. With ``weights``
+    (``[B, T]``, one per target token, 0 = not learned) every token counts, weighted, and the
+    result is the weighted mean. Logits ``[B, T, V]`` are scored in fp32."""
+    logits = logits[:, :-1].float()  # [B, T-1, V]
+    target = labels[:, 1:].reshape(-1)  # [B*(T-1)]
+    flat = logits.reshape(-1, logits.shape[-1])  # [B*(T-1), V]
+    if weights is None:
+        return F.cross_entropy(flat, target, ignore_index=IGNORE, reduction=reduction)
+    w = weights[:, 1:].reshape(-1)
+    return (F.cross_entropy(flat, target, reduction="none") * w).sum() / w.sum().clamp_min(1e-8)
 
 
 # ------------------------------------------------------------------ LoRA

@@ -1,18 +1,17 @@
-"""Measuring a CLIP: zero-shot image->caption retrieval and linear probes on patch features.
+"""What a vision tower's features hold, measured by linear probes.
 
-Both are used to judge the tiny CLIP (its README and test) and in notebooks 00 and 02.
+- :func:`linear_probe` on pooled patch tokens (:func:`shape_colour_probe`): which shapes and
+  colours a scene holds, a logistic-regression probe trained on one set of scenes and scored on
+  another, accuracy counted per (scene, label) pair;
+- :func:`patch_probe` on single patch tokens (:func:`object_patch_probe`, :func:`compare_layers`):
+  the colour, shape or size of the object under one patch (what stage 2 needs to pick an object
+  out by one attribute and read off another); :func:`patch_labels` says which object covers
+  each patch;
+- :func:`pca_rgb`: the first three principal components of an image's patch tokens as colours.
 
-- :func:`retrieval_recall`: candidates come in groups of ``group`` scenes (100: one correct
-  caption among 100); each image ranks its group's captions; recall@k is how often its own
-  caption is among the top k. Round ``r`` uses each scene's ``r``-th caption, and the rounds
-  are averaged, so every captioning style is scored.
-- :func:`scene_recall`: the standard image->text protocol of caption datasets (COCO's): each image
-  ranks *all* captions of its group's scenes, and a hit is any of its own captions (or the same
-  string) among the top k. A vague caption ("A picture of three objects.") then no longer has to
-  beat the other scenes' captions on its own; the scene's most telling caption can win for it.
-- :func:`linear_probe`: a logistic-regression probe (multi-label) trained on one set of scenes
-  and scored on another; accuracy is counted per (scene, label) pair.
-- :func:`scene_labels`: which shapes and which colours a scene contains, as 0/1 matrices.
+Patch ``k`` of a ``grid x grid`` tower covers row ``k // grid``, column ``k % grid`` of the image
+(row-major, the order open_clip emits them). Notebook 02 compares the last and the penultimate
+layer with these probes; the tiny CLIP's card reports them.
 """
 from __future__ import annotations
 
@@ -33,68 +32,6 @@ def scene_labels(scenes: Sequence[Sequence[Obj]]) -> dict[str, torch.Tensor]:
             shape[i, SHAPES.index(o.kind)] = 1
             colour[i, COLOURS.index(o.colour)] = 1
     return {"shape": shape, "colour": colour}
-
-
-def _unit_embeddings(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both embeddings as float unit vectors, after checking there is at least one full group."""
-    if caption_emb.shape[0] < group:
-        raise ValueError(f"retrieval needs at least {group} scenes, got {caption_emb.shape[0]}")
-    return F.normalize(image_emb.float(), dim=-1), F.normalize(caption_emb.float(), dim=-1)
-
-
-@torch.no_grad()
-def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int = 100,
-                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Image->caption recall@k among ``group`` candidates.
-
-    ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``, R captions per scene (rounds).
-    Scenes beyond the last full group are left out. Only captions scored strictly higher than the
-    right one count against it: an exact tie means the same text (two scenes captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
-    """
-    img, cap = _unit_embeddings(image_emb, caption_emb, group)
-    n, rounds = cap.shape[0], cap.shape[1]
-    hits = {k: 0 for k in ks}
-    total = 0
-    for start in range(0, n - group + 1, group):
-        gi = img[start:start + group]  # [G, D]
-        for r in range(rounds):
-            gc = cap[start:start + group, r]  # [G, D]
-            sim = gi @ gc.T  # [G, G]: image i vs caption j
-            own = sim.diagonal().unsqueeze(1)  # [G, 1]
-            rank = (sim > own).sum(dim=1)  # captions scored strictly above the right one
-            for k in ks:
-                hits[k] += int((rank < k).sum())
-            total += group
-    return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
-
-
-@torch.no_grad()
-def scene_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, texts: Sequence[Sequence[str]],
-                 group: int = 100, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Image->scene recall@k among ``group`` scenes, each represented by all its captions.
-
-    ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``; ``texts``: the ``N x R`` caption
-    strings. Each image ranks the ``group * R`` captions of its group; it scores a hit at k when
-    one of the top k is one of its own captions, or the same string as one (two scenes can be
-    captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
-    """
-    img, cap = _unit_embeddings(image_emb, caption_emb, group)
-    n, rounds = cap.shape[0], cap.shape[1]
-    if len(texts) != n or any(len(t) != rounds for t in texts):
-        raise ValueError(f"texts must be {n} lists of {rounds} captions, the shape of caption_emb")
-    hits = {k: 0 for k in ks}
-    total = 0
-    for start in range(0, n - group + 1, group):
-        gc = cap[start:start + group].reshape(group * rounds, -1)  # [G*R, D]
-        flat = [t for ts in texts[start:start + group] for t in ts]
-        order = (img[start:start + group] @ gc.T).argsort(dim=1, descending=True)[:, :max(ks)]  # [G, K]
-        for i, top in enumerate(order.tolist()):
-            own = set(texts[start + i])
-            first = next((r for r, j in enumerate(top) if flat[j] in own), len(top))
-            for k in ks:
-                hits[k] += first < k
-            total += 1
-    return {**{f"r@{k}": hits[k] / total for k in ks}, "n": total}
 
 
 def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,3 +75,105 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         base = (majority.unsqueeze(0) == yte.bool()).float().mean()
     return {"accuracy": right.float().mean().item(), "all_right": right.all(1).float().mean().item(),
             "majority": base.item()}
+
+
+CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "size": ("background", "small", "large")}
+FIELD = {"colour": "colour", "shape": "kind", "size": "size"}  # the Obj attribute each class list names
+
+
+def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour") -> torch.Tensor:
+    """``[N, grid*grid]`` class ids: the ``attr`` of the object whose box holds the patch's centre,
+    0 (background) where none does."""
+    names = CLASSES[attr]
+    out = torch.zeros(len(scenes), grid * grid, dtype=torch.long)
+    centres = (torch.arange(grid) + 0.5) / grid
+    for i, objs in enumerate(scenes):
+        for o in objs:
+            value = getattr(o, FIELD[attr])
+            x1, y1, x2, y2 = o.box
+            rows = ((centres >= y1) & (centres <= y2)).nonzero().flatten()
+            cols = ((centres >= x1) & (centres <= x2)).nonzero().flatten()
+            for r in rows.tolist():
+                for c in cols.tolist():
+                    out[i, r * grid + c] = names.index(value)
+    return out
+
+
+def patch_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                l2: float = 1e-4, steps: int = 100) -> dict[str, float]:
+    """A softmax linear probe on single patch features ``[N, P, D]`` -> class ``[N, P]``.
+
+    Returns accuracy on all test patches, on object patches only (background is the easy
+    majority), and the majority-class baseline.
+    """
+    d = train_x.shape[-1]
+    xtr, ytr = train_x.reshape(-1, d).float(), train_y.reshape(-1)
+    xte, yte = test_x.reshape(-1, d).float(), test_y.reshape(-1)
+    xtr, xte = standardise(xtr, xte)
+    k = int(max(ytr.max(), yte.max())) + 1
+    w, b = fit_linear(xtr, k, lambda logits: F.cross_entropy(logits, ytr), l2, steps)
+    with torch.no_grad():
+        pred = (xte @ w + b).argmax(-1)
+        obj = yte != 0
+        majority = torch.bincount(ytr, minlength=k).argmax()
+    return {"accuracy": (pred == yte).float().mean().item(),
+            "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else float("nan"),
+            "majority": (yte == majority).float().mean().item()}
+
+
+def pca_rgb(features: torch.Tensor) -> torch.Tensor:
+    """``[P, D]`` patch features -> ``[grid, grid, 3]`` in 0..1: the first three principal
+    components as red, green and blue (patches that look alike to the tower get alike colours)."""
+    x = features.float() - features.float().mean(0)
+    _, _, v = torch.pca_lowrank(x, q=3, center=False)
+    comp = x @ v[:, :3]  # [P, 3]
+    lo, hi = comp.min(0).values, comp.max(0).values
+    comp = (comp - lo) / (hi - lo + 1e-8)
+    grid = int(round(features.shape[0] ** 0.5))
+    return comp.reshape(grid, grid, 3)
+
+
+def compare_layers(towers: dict, contexts: Sequence, image_dir, attrs: Sequence[str] = ("colour", "shape"),
+                   fit_share: float = 0.75) -> list[dict]:
+    """Per-patch probes for each ``{layer: tower}``: fitted on the first ``fit_share`` of the
+    scenes, scored on the rest. One row per (layer, attribute)."""
+    cut = int(len(contexts) * fit_share)
+    parts = {"fit": contexts[:cut], "held": contexts[cut:]}
+    rows = []
+    for layer, tower in towers.items():
+        x = {n: tower.encode([image_dir / c.file_name for c in part], 100) for n, part in parts.items()}  # [N, P, D]
+        for attr in attrs:
+            y = {n: patch_labels([c.objects for c in part], tower.grid, attr) for n, part in parts.items()}
+            r = patch_probe(x["fit"], y["fit"], x["held"], y["held"])
+            rows.append({"layer": layer, "predicts": attr, "all patches": round(r["accuracy"], 3),
+                         "object patches": round(r["object_patches"], 3), "majority class": round(r["majority"], 3)})
+    return rows
+
+
+def shape_colour_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
+                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Linear probes on pooled patch features: which shapes / colours a scene holds.
+
+    The first half of the scenes trains the probe, the second half scores it. ``tokens``: the
+    tower's patch tokens of ``images_u8``, if already computed.
+    """
+    feats = (tower.encode(images_u8) if tokens is None else tokens).mean(dim=1)  # [N, W]
+    labels = scene_labels(objects)
+    h = len(feats) // 2
+    return {k: linear_probe(feats[:h], y[:h], feats[h:], y[h:]) for k, y in labels.items()}
+
+
+def object_patch_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
+                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Per-patch probes: does one patch token tell the colour, shape and size of the object under
+    it? (What stage 2 needs to pick an object out by one attribute and read off another.) Fitted
+    on the first half of the scenes, scored on the object patches of the second half."""
+    x = tower.encode(images_u8) if tokens is None else tokens  # [N, P, D]
+    h, out = len(x) // 2, {}
+    for attr in ("colour", "shape", "size"):
+        y = patch_labels(objects, tower.grid, attr)  # [N, P]
+        obj = y[h:] != 0
+        majority = torch.bincount(y[:h][y[:h] != 0]).argmax()
+        r = patch_probe(x[:h], y[:h], x[h:], y[h:])
+        out[attr] = {"accuracy": r["object_patches"], "majority": (y[h:][obj] == majority).float().mean().item()}
+    return out

@@ -12,7 +12,6 @@ same global batch take the same step.
 """
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 import math
@@ -25,15 +24,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import io
+from . import io, jsonl, memory
 from .config import TrainConfig
 from .conversation import IGNORE
 from .data import Collator, Example, padding_share, plan_batches
-from .model import LlavaLite
+from .model import LlavaLite, token_loss
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +64,20 @@ def trainable_state(model: LlavaLite) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, decay_from: int | None = None) -> float:
+    """The learning-rate schedule, as a factor of the peak rate, for step ``step`` of ``total``.
+
+    A linear warmup over ``warmup`` steps, then a cosine from 1 down to ``floor``. The cosine
+    starts when the warmup ends, or at step ``decay_from``, holding the peak until then (warmup,
+    stable, decay). Both training stages and the tiny backbones' pretraining use it."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if decay_from is not None and step < decay_from:
+        return 1.0
+    start = warmup if decay_from is None else decay_from
+    progress = (step - start) / max(1, total - start)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine if floor == 0 else floor + (1 - floor) * cosine
 
 
 def pick_precision(requested: str, device: torch.device) -> str:
@@ -152,10 +159,7 @@ def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 image_features=batch.get("image_features"), pixel_values=batch.get("pixel_values"),
                 sample_ids=batch["sample_ids"])
-    logits = out.logits[:, :-1].float()  # [B, T-1, V]
-    target = batch["labels"][:, 1:]  # [B, T-1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
+    return token_loss(out.logits, batch["labels"], reduction="sum"), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg: TrainConfig, out_dir: str | Path,
@@ -172,8 +176,6 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
     groups = set_trainable(model, cfg.stage)
     if cfg.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from . import memory
-
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     est = memory.check(model, cfg.batch_size // (world * cfg.grad_accum), max(len(e.enc) for e in examples), precision,
                        cfg.gradient_checkpointing, accelerator.device)
@@ -219,7 +221,7 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         pad_batches.append(global_batch)
         n_tokens = sum(label_counts[i] for i in global_batch)
         for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * cosine_with_warmup(step, total, warmup)
+            g["lr"] = lr * lr_factor(step, total, warmup)
         micro = [global_batch[m::cfg.grad_accum] for m in range(cfg.grad_accum)]
         step_loss = torch.zeros((), device=device)
         for m, idx in enumerate(micro):
@@ -249,8 +251,8 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
                     "samples_per_s": round(seen / dt, 2), "seconds": round(dt, 2)}
             bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
             if accelerator.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                with jsonl.open_for_append(metrics_path) as f:
+                    jsonl.append(f, last)
         if accelerator.is_main_process and ((cfg.save_every and done % cfg.save_every == 0) or done == total):
             save_checkpoint(out_dir, done, raw, optimizer, cfg, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -264,5 +266,5 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    """The logged steps of a run (``metrics.jsonl``), oldest first."""
+    return [rec for _, rec in jsonl.read_jsonl(Path(out_dir) / "metrics.jsonl")]

@@ -82,6 +82,19 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a ``[3, H, W]`` uint8 tensor."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+
+def normalise(images_u8: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """uint8 pixels ``[..., 3, H, W]`` -> floats in 0..1, less the encoder's mean, over its std:
+    the one route from pixels to what a CLIP image encoder reads."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(3, 1, 1)
+    return (images_u8.float() / 255 - mean) / std
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
@@ -187,8 +200,7 @@ class VisionTower(nn.Module):
         img = pad_to_square(to_rgb(img, self.fill), self.fill)
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BICUBIC, reducing_gap=3.0)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, S, S]
-        return (x.float() / 255 - self.mean) / self.std
+        return normalise(to_uint8(img), self.mean, self.std)  # [3, S, S]
 
     def pixels(self, images: Iterable[Image.Image | str | os.PathLike]) -> torch.Tensor:
         """Images or file paths -> a batch ``[B, 3, S, S]`` on the tower's device."""
@@ -209,9 +221,15 @@ class VisionTower(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def encode(self, images: Iterable[Image.Image | str | os.PathLike]) -> torch.Tensor:
-        """Images or paths -> ``[B, num_patches, width]`` features, without gradients."""
-        return self(self.pixels(images))
+    def encode(self, images: Sequence[Image.Image | str | os.PathLike] | torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+        """Images, paths, or a ``[N, 3, S, S]`` uint8 tensor -> ``[N, num_patches, width]`` features,
+        without gradients, ``batch_size`` images at a time."""
+        parts = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            pixels = normalise(chunk.to(self.mean.device), self.mean, self.std) if torch.is_tensor(chunk) else self.pixels(chunk)
+            parts.append(self(pixels))  # [b, P, D]
+        return torch.cat(parts)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, weights={self.weights_id!r}, layer={self.layer}, keep_cls={self.keep_cls}, "

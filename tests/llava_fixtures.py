@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llava_lite import backbones, world
 from llava_lite.coco import SymbolicContext
 from llava_lite.config import WorldConfig
-from llava_lite.model import LlavaConfig, LlavaLite, add_image_token
+from llava_lite.config import LlavaConfig
+from llava_lite.model import LlavaLite, add_image_token
 from llava_lite.teachers import symbolic
 
 NUM_IMAGE_TOKENS = 4

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from .. import facts
-from ..facts import COLOURS, NUMBER_WORDS, SHAPES, Obj
+from ..facts import COLOURS, NUMBER_WORDS, SHAPES, Obj, unique_by
 
 QTYPES = ("count", "colour", "shape", "position", "exist", "size")
 
@@ -54,12 +54,6 @@ def _count(objs: list[Obj], rng: random.Random) -> ExactQA | None:
 def count_word(n: int) -> str:
     """A count as its exact answer: ``zero`` (never ``no``, which answers yes/no questions), ``one``..."""
     return "zero" if n == 0 else NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
-
-
-def unique_by(objs: list[Obj], key) -> list[Obj]:
-    """The objects whose ``key`` no other object shares (the ones a question can name)."""
-    c = Counter(key(o) for o in objs)
-    return [o for o in objs if c[key(o)] == 1]
 
 
 def _colour(objs, rng):

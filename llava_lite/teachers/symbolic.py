@@ -27,7 +27,7 @@ from typing import Iterable
 
 from .. import facts
 from ..coco import SymbolicContext
-from ..facts import COLOURS, Obj, article, count_phrase, plural
+from ..facts import COLOURS, Obj, article, count_phrase, plural, unique_by
 from . import questions
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ BRIEF_INSTRUCTIONS = (
 # ----------------------------------------------------------------- fact sentences
 def _counted(objs: list[Obj]) -> Counter:
     return Counter(o.kind for o in objs)
-
-
-def unique(objs: list[Obj]) -> list[Obj]:
-    """Objects whose name appears once: the only ones a sentence can call "the <name>"."""
-    c = Counter(o.name for o in objs)
-    return [o for o in objs if c[o.name] == 1]
 
 
 def there_are(n: int, noun: str) -> str:
@@ -125,7 +119,7 @@ def _qa_colour(objs, rng):
 
 
 def _qa_where(objs, rng):
-    cands = unique(objs)
+    cands = unique_by(objs)
     if not cands:
         return None
     o = rng.choice(cands)
@@ -134,7 +128,7 @@ def _qa_where(objs, rng):
 
 
 def _qa_relation(objs, rng):
-    pairs = [(a, b, facts.relation(a, b)) for a in unique(objs) for b in unique(objs) if a is not b]
+    pairs = [(a, b, facts.relation(a, b)) for a in unique_by(objs) for b in unique_by(objs) if a is not b]
     pairs = [p for p in pairs if p[2]]
     if not pairs:
         return None
@@ -154,7 +148,7 @@ def _qa_size(objs, rng):
     if len(objs) < 2:
         return None
     big = max(objs, key=lambda o: o.area)
-    if sum(o.area >= 0.8 * big.area for o in objs) > 1 or big.name not in {o.name for o in unique(objs)}:
+    if sum(o.area >= 0.8 * big.area for o in objs) > 1 or big.name not in {o.name for o in unique_by(objs)}:
         return None
     q = rng.choice(["Which object is the biggest?", "What is the largest thing in the image?", "Which shape takes up the most space?"])
     return q, f"The biggest one is {the(big)}; {the(big)} is {big.size}."
@@ -217,7 +211,7 @@ def detail(ctx: SymbolicContext, rng: random.Random) -> str:
             parts.append(cap(is_at(o)) + (f" and {o.size}" if o.colour else "") + ".")
         else:
             parts.append(cap(f"{article(o.name)} is {facts.region_phrase(o)}."))
-    u = unique(objs)
+    u = unique_by(objs)
     rels = [(a, b, facts.relation(a, b)) for a in u for b in u if a is not b]
     rels = [r for r in rels if r[2]]
     if rels:
@@ -264,11 +258,11 @@ def _cx_leftmost(objs, rng):
     side = rng.choice(["left", "right"])
     ordered = sorted(objs, key=lambda o: o.cx, reverse=(side == "right"))
     first, second = ordered[0], ordered[1]
-    if abs(first.cx - second.cx) < 0.05 or first.name not in {o.name for o in unique(objs)}:
+    if abs(first.cx - second.cx) < 0.05 or first.name not in {o.name for o in unique_by(objs)}:
         return None
     q = f"Which object is furthest to the {side}, and what is it next to?"
     steps = [f"Comparing the horizontal positions of all {len(objs)} objects, {the(first)} is furthest to the {side}; {is_at(first)}."]
-    near = [o for o in unique(objs) if o is not first and facts.next_to(first, o)]
+    near = [o for o in unique_by(objs) if o is not first and facts.next_to(first, o)]
     if near:
         steps.append(f"Checking the gaps between boxes, {the(first)} is next to {the(near[0])}.")
     else:
@@ -277,7 +271,7 @@ def _cx_leftmost(objs, rng):
 
 
 def _cx_big_small(objs, rng):
-    u = unique(objs)
+    u = unique_by(objs)
     if len(u) < 2:
         return None
     big, small = max(u, key=lambda o: o.area), min(u, key=lambda o: o.area)
