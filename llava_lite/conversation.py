@@ -16,6 +16,7 @@ Three templates:
 from __future__ import annotations
 
 import logging
+from html import escape as html_escape
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -229,9 +230,8 @@ def show_masked(tokenizer, enc: Encoded, html: bool = False) -> str:
             return
         text = tokenizer.decode(run, skip_special_tokens=False)
         if html:
-            import html as h
             style = "color:#1a7f37;font-weight:bold" if run_learned else "color:#999"
-            out.append(f'<span style="{style}">{h.escape(text)}</span>')
+            out.append(f'<span style="{style}">{html_escape(text)}</span>')
         else:
             out.append(text if run_learned else f"[[{text}]]")
 

@@ -5,6 +5,8 @@ import importlib.metadata as md
 import os
 import platform
 
+import torch
+
 PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "peft", "accelerate", "tokenizers",
             "safetensors", "papermill", "nbval", "ipywidgets", "jupyterlab")
 
@@ -20,8 +22,6 @@ def versions() -> dict[str, str]:
 
 
 def device_report() -> dict[str, object]:
-    import torch
-
     rep: dict[str, object] = {"python": platform.python_version(), "cpu_cores": os.cpu_count(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -35,8 +35,6 @@ def device_report() -> dict[str, object]:
 def training_device(name: str):
     """``torch.device(name)`` for a training job, or a clear error when that device is not here
     (``cuda`` on a machine without a CUDA GPU, an unknown name)."""
-    import torch
-
     try:
         dev = torch.device(name)
     except RuntimeError as e:
@@ -54,9 +52,3 @@ def suggested_preset(rep: dict[str, object] | None = None) -> str:
     if not rep.get("cuda"):
         return "tiny"
     return "full" if float(rep.get("gpu_memory_gib", 0)) >= 40 else "colab"
-
-
-def in_colab() -> bool:
-    import sys
-
-    return "google.colab" in sys.modules

@@ -113,8 +113,7 @@ def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Pat
         parts = []
         for i in range(0, len(recs), batch_size):
             chunk = recs[i:i + batch_size]
-            pixels = tower.pixels([image_dir / r.file_name for r in chunk])  # [b, 3, S, S]
-            parts.append(tower(pixels).to(torch.float16).cpu())  # [b, P, D]
+            parts.append(tower.encode([image_dir / r.file_name for r in chunk], batch_size).to(torch.float16).cpu())  # [b, P, D]
             bar.update(len(chunk))
         feats = torch.cat(parts)  # [n, P, D]
         ids = [r.image_id for r in recs]
@@ -200,37 +199,3 @@ class FeatureReader:
     def get_many(self, image_ids: Sequence[int | str]) -> torch.Tensor:
         """``[B, P, D]`` features for a batch of ids or file names."""
         return torch.stack([self(i) for i in image_ids])
-
-
-def register_cli(sub) -> None:
-    from .config import get_preset
-    from .paths import Layout
-
-    p = sub.add_parser("features", help="cache a frozen vision tower's patch features for a split")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--split", action="append", help="split name (repeatable; default: train)")
-    p.add_argument("--encoder", help="open_clip model name or folder (default: the preset's)")
-    p.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
-    p.add_argument("--layer", type=int, help="transformer block whose output to take (default -2, penultimate)")
-    p.add_argument("--keep-cls", action="store_true", help="keep the CLS token in front of the patches")
-    p.add_argument("--world", help="folder with annotations/ and image folders (default: the preset's world)")
-    p.add_argument("--out", help="features root (default: outputs/<preset>/features)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=512)
-    p.add_argument("--device", default="cpu")
-
-    def run(args):
-        preset = get_preset(args.preset)
-        vcfg = preset.vision
-        layout = Layout.for_preset(args.preset)
-        tower = VisionTower.load(args.encoder or vcfg.encoder, args.pretrained if args.encoder else vcfg.pretrained,
-                                 layer=vcfg.layer if args.layer is None else args.layer,
-                                 keep_cls=args.keep_cls or vcfg.keep_cls, device=args.device)
-        world_dir = Path(args.world) if args.world else layout.world
-        root = Path(args.out) if args.out else layout.features
-        for split in args.split or ["train"]:
-            folder = extract(tower, world_dir / "annotations" / f"instances_{split}.json", world_dir / split,
-                             cache_folder(root, tower, split), batch_size=args.batch_size, shard_size=args.shard_size)
-            log.info("features of %s (%s) in %s", split, tower.cache_key, folder)
-
-    p.set_defaults(func=run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,7 @@ class Estimate:
 def free_memory(device: torch.device) -> float | None:
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+    return float(psutil.virtual_memory().available)
 
 
 def estimate(model, batch_size: int, seq_len: int, precision: str = "fp32", gradient_checkpointing: bool = False,

@@ -11,6 +11,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .config import LlavaConfig
@@ -134,8 +135,6 @@ def apply_lora(model: LlavaLite, r: int = 16, alpha: int = 32, dropout: float = 
                target_modules: str | list[str] = "all-linear") -> LlavaLite:
     """Wrap the language model's linear layers with LoRA adapters (peft). The projector stays a
     full module that trains and is saved with the adapters, so a checkpoint never loses it."""
-    from peft import LoraConfig, get_peft_model
-
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
                      task_type="CAUSAL_LM")
     model.lm = get_peft_model(model.lm, cfg)

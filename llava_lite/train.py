@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -96,8 +97,6 @@ def pick_precision(requested: str, device: torch.device) -> str:
 def make_accelerator(precision: str = "auto"):
     """An ``accelerate.Accelerator`` for this machine: the GPU when there is one, mixed precision as
     :func:`pick_precision` decides. Under ``torchrun`` / ``accelerate launch`` it joins the process group."""
-    from accelerate import Accelerator
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = pick_precision(precision, torch.device(device_type))
     return Accelerator(cpu=device_type == "cpu", mixed_precision="no" if chosen == "fp32" else chosen)

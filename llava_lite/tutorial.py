@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+import papermill as pm
+
 from . import io
 from .paths import REPO_DIR, notebooks_out
 
@@ -31,8 +33,6 @@ def smoke_parameters(path: Path) -> dict:
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict | None = None, progress: bool = False) -> Path:
     """Execute one notebook into ``out_dir`` (same file name); returns the executed copy's path."""
-    import papermill as pm
-
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / Path(path).name
     pm.execute_notebook(str(path), str(out), parameters=parameters or {}, kernel_name=KERNEL,
@@ -54,17 +54,3 @@ def run_all(preset: str = "tiny", out_dir: Path | None = None, only: list[str] |
         log.info("%s done in %.0f s -> %s", nb.name, timings[nb.name], out_dir / nb.name)
         io.write_json(out_dir / "timings.json", {"preset": preset, "seconds": timings}, indent=2)
     return timings
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--out", type=Path, help="folder for the executed notebooks (default outputs/notebooks)")
-    p.add_argument("--only", nargs="*", help="run only notebooks whose names start with these (e.g. 00 01)")
-
-    def run(args):
-        timings = run_all(args.preset, args.out, args.only)
-        total = sum(timings.values())
-        log.info("tutorial done: %d notebooks in %.1f min", len(timings), total / 60)
-
-    p.set_defaults(func=run)

@@ -178,20 +178,12 @@ def validate_file(path: str | Path, images: str | Path | None = None) -> Report:
     return report
 
 
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("validate", help="check a LLaVA-format JSON / JSONL file",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("file", type=Path, help="a JSON list of samples or JSON Lines")
-    p.add_argument("--images", type=Path, help="image folder: check that every sample's image exists")
-    p.add_argument("--max-problems", type=int, default=0, help="report at most this many problems (0: all)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    report = validate_file(args.file, args.images)
-    shown = report.problems[: args.max_problems] if args.max_problems else report.problems
+def report_file(path: Path, images: Path | None = None, max_problems: int = 0) -> int:
+    """Log every problem of a file (at most ``max_problems``, 0: all) and a summary; 1 when there are problems."""
+    report = validate_file(path, images)
+    shown = report.problems[:max_problems] if max_problems else report.problems
     for problem in shown:
-        log.error("%s: %s", args.file, problem)
+        log.error("%s: %s", path, problem)
     if len(shown) < len(report.problems):
         log.error("... %d more problems not shown", len(report.problems) - len(shown))
     (log.info if report.ok else log.error)("%s", report.summary())

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
@@ -151,8 +153,6 @@ class VisionTower(nn.Module):
     def load(cls, name: str, pretrained: str | None = None, *, layer: int = -2, keep_cls: bool = False,
              device: str | torch.device = "cpu") -> "VisionTower":
         """An open_clip model by name + pretrained tag, or a local folder (``open_clip_config.json``)."""
-        import open_clip
-
         folder = SHIPPED.get(name, Path(name))
         if name in SHIPPED and not folder.is_dir():
             raise FileNotFoundError(f"{folder}: the shipped {name} is missing (retrain it: llava-lite backbones clip)")
@@ -173,9 +173,6 @@ class VisionTower(nn.Module):
     def from_config(cls, model_cfg: dict, *, seed: int = 0, layer: int = -2, keep_cls: bool = False,
                     name: str = "config") -> "VisionTower":
         """A tower with random weights from an open_clip ``model_cfg`` dict (offline tests, exercises)."""
-        import open_clip
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
         torch.manual_seed(seed)
         visual = open_clip.CLIP(**model_cfg).visual
         digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]

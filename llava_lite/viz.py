@@ -1,9 +1,15 @@
 """Pictures for the notebooks: scenes with their boxes and captions, curves, tables."""
 from __future__ import annotations
 
+import collections
+import math
 import textwrap
 from pathlib import Path
 from typing import Sequence
+
+import matplotlib.patches as mpatches
+import matplotlib.pyplot as plt
+from PIL import Image
 
 from .coco import SymbolicContext
 
@@ -13,9 +19,6 @@ BOX_COLOUR = "black"
 def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncols: int = 4,
                 captions: int = 1, scale: float = 3.0):
     """A grid of scenes with every box and category drawn on, and their first captions below."""
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
-    from PIL import Image
 
     n = len(contexts)
     nrows = max(1, -(-n // ncols))
@@ -27,7 +30,7 @@ def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncol
         ax.imshow(img, extent=(0, 1, 1, 0))
         for o in ctx.objects:
             x1, y1, x2, y2 = o.box
-            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1, ec=BOX_COLOUR, ls="--"))
+            ax.add_patch(mpatches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1, ec=BOX_COLOUR, ls="--"))
             ax.text(x1, y1 - 0.01, o.name, fontsize=6, va="bottom", color=BOX_COLOUR)
         text = "\n".join(textwrap.fill(c, 34) for c in ctx.captions[:captions])
         ax.set_title(f"image {ctx.image_id}", fontsize=8)
@@ -39,7 +42,6 @@ def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncol
 def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str = "step",
                 ylabel: str = "loss", title: str = "", logy: bool = False):
     """Several ``name -> (x, y)`` curves on one axis."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, (x, y) in series.items():
@@ -77,9 +79,7 @@ def sample_markdown(sample: dict) -> str:
 
 def instruction_stats(samples: Sequence[dict]):
     """Four panels: samples per type, turns per conversation, answer lengths, question words."""
-    import collections
 
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
     types = collections.Counter(s.get("type", "?") for s in samples)
@@ -107,10 +107,7 @@ def instruction_stats(samples: Sequence[dict]):
 
 def show_patch_words(image_path: str | Path, words: Sequence[str], size: float = 6.0):
     """The image under a grid of one word per patch token (row-major, as the tower emits them)."""
-    import math
 
-    import matplotlib.pyplot as plt
-    from PIL import Image
 
     grid = int(math.isqrt(len(words)))
     if grid * grid != len(words):
@@ -135,8 +132,6 @@ def show_patch_words(image_path: str | Path, words: Sequence[str], size: float =
 
 def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, scale: float = 3.0):
     """Scenes with a question, the model's reply and the truth (green when right, red when wrong)."""
-    import matplotlib.pyplot as plt
-    from PIL import Image
 
     nrows = max(1, -(-len(recs) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.9)), squeeze=False)
@@ -154,7 +149,6 @@ def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, sc
 
 def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2):
     """Images in a row: uint8 tensors ``[3, H, W]`` (as the world renders them in memory), arrays or PIL images."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(images), figsize=(len(images) * scale, scale + 0.3), squeeze=False)
     for i, (ax, img) in enumerate(zip(axes[0], images)):
@@ -170,7 +164,6 @@ def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2
 
 def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
     """Each image above the PCA colour map of its patch features (see :func:`llava_lite.patches.pca_rgb`)."""
-    import matplotlib.pyplot as plt
 
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale), squeeze=False)

@@ -23,7 +23,6 @@ from .facts import COLOURS, SHAPES, Obj, article, count_phrase, plural
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("pretrain", "train", "val", "test")
 RGB = {
     "red": (215, 38, 38),
     "orange": (245, 135, 20),
@@ -334,36 +333,3 @@ def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[
         io.write_json(inst_path, instances)
         io.write_json(cap_path, caps)
     return {split: len(scenes) for split, scenes in world.items()}
-
-
-def register_cli(sub) -> None:
-    from .config import get_preset
-    from .paths import Layout
-
-    p = sub.add_parser("world", help="generate the shapes world as COCO-format files")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--out", help="folder to write (default: outputs/<preset>/world)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--split", action="append", metavar="NAME=N",
-                   help="scenes per split, e.g. --split train=1000 (repeatable; default: the preset's)")
-
-    def run(args):
-        cfg = get_preset(args.preset).world
-        if args.seed is not None:
-            cfg.seed = args.seed
-        if args.image_size:
-            cfg.image_size = args.image_size
-        if args.split:
-            splits = {}
-            for item in args.split:
-                name, _, n = item.partition("=")
-                if not n.isdigit():
-                    raise ValueError(f"--split {item!r}: expected NAME=N, e.g. train=1000")
-                splits[name] = int(n)
-            cfg.splits = splits
-        out = args.out or Layout.for_preset(args.preset).world
-        counts = generate(cfg, out)
-        log.info("wrote %s to %s", ", ".join(f"{n} {s}" for s, n in counts.items()), out)
-
-    p.set_defaults(func=run)

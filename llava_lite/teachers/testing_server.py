@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,16 @@ def reply_for(rtype: str, context: str) -> str:
         pairs.append(("How many objects are there?", f"There are {len(names)} objects."))
         pairs.append(("Can you sum the picture up in one sentence?", captions[0] if captions else "No."))
     return "\n".join(f"Question:\n{q}\n===\nAnswer:\n{a}\n===" for q, a in pairs)
+
+
+def rotating_faults(faults: Sequence[str]) -> Plan:
+    """A plan that answers each context's requests with ``faults`` in turn, each context starting
+    at its own place in the list (so a run meets every fault, and every context is answered once
+    its turn reaches ``"ok"``)."""
+    unknown = [f for f in faults if f not in FAULTS]
+    if unknown:
+        raise ValueError(f"unknown faults {unknown}; expected some of {FAULTS}")
+    return lambda key, n: faults[(n + sum(map(ord, key))) % len(faults)]
 
 
 class FaultyChatServer:

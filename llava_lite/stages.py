@@ -1,27 +1,36 @@
-"""The tutorial's stages put together for a preset: what the notebooks and ``llava-lite train`` /
-``llava-lite evaluate`` call. Each function is a few lines over the modules that do the work.
+"""The two training stages put together for a preset: what the notebooks and ``llava-lite train``
+/ ``llava-lite evaluate`` call. Each function is a few lines over the modules that do the work.
 
     load_language / load_vision      the pretrained parts (shipped tiny ones, or hub/open_clip names)
     build_llava                      vision width -> projector -> LM, with <image> in the tokenizer
-    features                         the feature cache of a split (extracted when missing)
+    split_features                   the feature cache of a split (extracted when missing)
     stage_examples                   LLaVA samples of a stage -> tokenised examples
     run_stage                        stage 1 or 2 through the one training loop
+    prepare_stage2                   the stage-1 projector in place, LoRA adapters when asked
     load_stage                       a trained stage back from its checkpoint
 """
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peft import prepare_model_for_kbit_training
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from . import features as fc
 from . import io
-from .config import LanguageConfig, Preset, VisionConfig
+from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
-from .model import LlavaConfig, LlavaLite, add_image_token, apply_lora
+from .model import LlavaLite, add_image_token, apply_lora
 from .paths import PRETRAINED_DIR, Layout
+from .evaluate import ask_llava, blind_samples, exact_items, records, save, score
+from .train import latest_checkpoint, load_trained, make_accelerator, train
+from .vision import VisionTower
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,8 +45,6 @@ def resolve(name: str) -> str:
 
 def load_language(cfg: LanguageConfig):
     """``(lm, tokenizer)``: the shipped tiny LM, a local folder, or a hub model (the real path)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     where = resolve(cfg.name)
     tokenizer = AutoTokenizer.from_pretrained(where)
     if cfg.load_in_4bit:
@@ -48,8 +55,6 @@ def load_language(cfg: LanguageConfig):
 
 def qlora_available() -> str | None:
     """``None`` when a 4-bit base can be loaded here, else why not (in words)."""
-    import importlib.util
-
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -64,9 +69,6 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     if why_not:
         raise RuntimeError(f"language.load_in_4bit (QLoRA) for {cfg.name}: {why_not}. Set load_in_4bit=False and "
                            "use LoRA (model.lora=True) on full-precision weights instead.")
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
@@ -74,9 +76,8 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
 
-def load_vision(cfg: VisionConfig):
-    from .vision import VisionTower
-
+def load_vision(cfg: VisionConfig) -> VisionTower:
+    """The preset's frozen vision tower (shipped tiny CLIP, a folder, or an open_clip name)."""
     return VisionTower.load(cfg.encoder, cfg.pretrained, layer=cfg.layer, keep_cls=cfg.keep_cls)
 
 
@@ -92,10 +93,8 @@ def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, 
         return LlavaLite(cfg, lm, vision=tower if with_tower else None)
 
 
-def features(layout: Layout, split: str, tower, progress: bool = True):
+def split_features(layout: Layout, split: str, tower: VisionTower, progress: bool = True) -> fc.FeatureReader:
     """The feature cache of ``split`` for ``tower`` (extracted first when missing or unfinished)."""
-    from . import features as fc
-
     if not layout.instances(split).exists():
         raise FileNotFoundError(f"{layout.instances(split)}: no {split} split yet "
                                 f"(run notebook 00 or `llava-lite world --preset {layout.root.name}`)")
@@ -122,13 +121,9 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
     return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
 
 
-def run_stage(preset: Preset, layout: Layout, model: LlavaLite, tokenizer, feats, stage: int, samples: list[dict],
-              out: Path, resume: bool = False, progress: bool = True, accelerator=None, **overrides) -> dict:
+def run_stage(preset: Preset, model: LlavaLite, tokenizer, feats, stage: int, samples: list[dict], out: Path,
+              resume: bool = False, progress: bool = True, accelerator=None, **overrides) -> dict:
     """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
-    from dataclasses import replace
-
-    from .train import train
-
     cfg = replace(preset.stage1 if stage == 1 else preset.stage2, **overrides)
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
     log.info("stage %d: %s", stage, dict(stats))
@@ -142,8 +137,6 @@ def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | N
                    seed: int | None = None) -> LlavaLite:
     """Load the stage-1 projector (checked against this model) and add LoRA adapters when
     ``lora`` (default: the preset's choice) says so, drawn from ``seed`` when one is given."""
-    from .train import load_trained
-
     if stage1_checkpoint is not None:
         LlavaConfig.load(stage1_checkpoint).check_compatible(model.config, f"stage-1 checkpoint {stage1_checkpoint}")
         load_trained(model, stage1_checkpoint)
@@ -162,10 +155,6 @@ def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | N
 def load_stage(preset: Preset, checkpoint: Path, tower=None):
     """A trained model back from a checkpoint folder: ``(model, tokenizer)``. LoRA adapters are
     put in place first when the checkpoint holds them."""
-    from safetensors import safe_open
-
-    from .train import load_trained
-
     checkpoint = Path(checkpoint)
     tower = tower or load_vision(preset.vision)
     lm, tokenizer = load_language(preset.language)
@@ -178,77 +167,46 @@ def load_stage(preset: Preset, checkpoint: Path, tower=None):
     return model, tokenizer
 
 
-def register_cli(sub) -> None:
-    t = sub.add_parser("train", help="stage 1 (projector) or stage 2 (projector + language model)")
-    t.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    t.add_argument("--preset", default="tiny")
-    t.add_argument("--out", type=Path, help="run folder (default outputs/<preset>/checkpoints/stage<N>)")
-    t.add_argument("--stage1", type=Path, help="stage 2: the stage-1 checkpoint (default: the latest stage-1 run)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    t.add_argument("--max-steps", type=int, default=0)
-    t.add_argument("--batch-size", type=int, help="samples per optimizer step (default: the preset's)")
-    t.add_argument("--lr", type=float, help="the projector's learning rate (default: the preset's)")
-    t.add_argument("--lm-lr", type=float, help="stage 2: the language model's learning rate (default: the preset's)")
-    t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="stage 2: LoRA adapters (default: the preset's)")
-    t.add_argument("--blind", action="store_true", help="train without image tokens (the blind baseline)")
-    t.add_argument("--seed", type=int, help="the projector's initial weights, LoRA's and the batch order "
-                                            "(default: the preset's)")
+def train_stage(preset_name: str, stage: int, out: Path | None = None, stage1: Path | None = None, resume: bool = False,
+                blind: bool = False, lora: bool | None = None, seed: int | None = None, **overrides) -> dict:
+    """What ``llava-lite train`` runs: stage 1 or 2 of a preset on its ``train`` split, in one process
+    or as one of several (``torchrun``, ``accelerate launch``); ``overrides`` replace the stage's
+    settings (``max_steps``, ``lr``, ``lm_lr``, ``batch_size``)."""
+    preset = get_preset(preset_name)
+    layout = Layout.for_preset(preset_name)
+    acc = make_accelerator((preset.stage1 if stage == 1 else preset.stage2).precision)
+    tower = load_vision(preset.vision)
+    with acc.main_process_first():
+        feats = None if blind else split_features(layout, "train", tower, progress=acc.is_main_process)
+    lm, tokenizer = load_language(preset.language)
+    model = build_llava(preset, lm, tokenizer, tower, seed=seed)
+    out = out or run_dir(layout, stage, "blind" if blind else "")
+    samples = stage_samples(layout, "train", stage)
+    if stage == 2:
+        ckpt = stage1 or latest_checkpoint(run_dir(layout, 1))
+        if ckpt is None and not blind:
+            raise FileNotFoundError(f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first")
+        prepare_stage2(preset, model, None if blind else ckpt, lora, seed)
+        samples = blind_samples(samples) if blind else samples
+    if seed is not None:
+        overrides["seed"] = seed
+    return run_stage(preset, model, tokenizer, feats, stage, samples, out, resume=resume, accelerator=acc, **overrides)
 
-    def run_train(args):
-        from .config import get_preset
-        from .train import latest_checkpoint, make_accelerator
 
-        preset = get_preset(args.preset)
-        layout = Layout.for_preset(args.preset)
-        acc = make_accelerator((preset.stage1 if args.stage == 1 else preset.stage2).precision)
-        tower = load_vision(preset.vision)
-        with acc.main_process_first():
-            feats = None if args.blind else features(layout, "train", tower, progress=acc.is_main_process)
-        lm, tokenizer = load_language(preset.language)
-        model = build_llava(preset, lm, tokenizer, tower, seed=args.seed)
-        out = args.out or run_dir(layout, args.stage, "blind" if args.blind else "")
-        samples = stage_samples(layout, "train", args.stage)
-        if args.stage == 2:
-            from .evaluate import blind_samples
-
-            ckpt = args.stage1 or latest_checkpoint(run_dir(layout, 1))
-            if ckpt is None and not args.blind:
-                raise FileNotFoundError(f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first")
-            prepare_stage2(preset, model, None if args.blind else ckpt, args.lora, args.seed)
-            samples = blind_samples(samples) if args.blind else samples
-        overrides = {"max_steps": args.max_steps} if args.max_steps else {}
-        overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr", "batch_size", "seed") if getattr(args, k) is not None})
-        summary = run_stage(preset, layout, model, tokenizer, feats, args.stage, samples, out, resume=args.resume,
-                            accelerator=acc, **overrides)
-        log.info("stage %d done: %s", args.stage, {k: summary[k] for k in ("steps", "seconds", "last")})
-
-    t.set_defaults(func=run_train)
-
-    e = sub.add_parser("evaluate", help="the exact-answer score of a trained model on a split")
-    e.add_argument("--preset", default="tiny")
-    e.add_argument("--checkpoint", type=Path, help="default: the latest stage-2 checkpoint")
-    e.add_argument("--split", default="test")
-    e.add_argument("--out", type=Path, help="per-question records (JSON); default beside the checkpoint")
-
-    def run_eval(args):
-        from . import evaluate as ev
-        from .config import get_preset
-        from .train import latest_checkpoint
-
-        preset = get_preset(args.preset)
-        layout = Layout.for_preset(args.preset)
-        ckpt = args.checkpoint or latest_checkpoint(run_dir(layout, 2))
-        if ckpt is None:
-            raise FileNotFoundError(f"no stage-2 checkpoint under {run_dir(layout, 2)}; pass --checkpoint")
-        tower = load_vision(preset.vision)
-        model, tokenizer = load_stage(preset, ckpt, tower)
-        items = ev.exact_items(io.read_json(layout.instruct / f"{args.split}.json"))
-        template = get_template(preset.model.stage2_template, tokenizer)
-        recs = ev.records(items, ev.ask_llava(model, template, tokenizer, items, features(layout, args.split, tower), progress=True))
-        summary = ev.score(recs)
-        ev.save(args.out or Path(ckpt) / f"exact_{args.split}.json", recs, summary)
-        log.info("exact-answer accuracy on %s: %.3f %s", args.split, summary["overall"],
-                 {k: round(v, 3) for k, v in summary["accuracy"].items()})
-
-    e.set_defaults(func=run_eval)
-
+def evaluate_checkpoint(preset_name: str, checkpoint: Path | None = None, split: str = "test",
+                        out: Path | None = None) -> dict:
+    """What ``llava-lite evaluate`` runs: the exact-answer score of a trained model on ``split``,
+    its per-question records written beside the checkpoint (or to ``out``)."""
+    preset = get_preset(preset_name)
+    layout = Layout.for_preset(preset_name)
+    ckpt = checkpoint or latest_checkpoint(run_dir(layout, 2))
+    if ckpt is None:
+        raise FileNotFoundError(f"no stage-2 checkpoint under {run_dir(layout, 2)}; pass --checkpoint")
+    tower = load_vision(preset.vision)
+    model, tokenizer = load_stage(preset, ckpt, tower)
+    items = exact_items(io.read_json(layout.instruct / f"{split}.json"))
+    template = get_template(preset.model.stage2_template, tokenizer)
+    recs = records(items, ask_llava(model, template, tokenizer, items, split_features(layout, split, tower), progress=True))
+    summary = score(recs)
+    save(out or Path(ckpt) / f"exact_{split}.json", recs, summary)
+    return summary
