@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= tiny
 
-.PHONY: tutorial test env lab clean-outputs
+.PHONY: tutorial test lint env lab clean-outputs
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; install Python 3.11 or run: make PYTHON=python3 ..."; exit 1; }
@@ -22,9 +22,14 @@ env: $(STAMP)
 tutorial: $(STAMP)
 	$(BIN)/llava-lite tutorial --preset $(PRESET)
 
-## The test suite: package unit tests, every notebook at smoke size, nbval on the executed copies
-test: $(STAMP)
+## The test suite: lint and format check, package unit tests, every notebook at smoke size, nbval on the executed copies
+test: lint
 	$(BIN)/python -m pytest
+
+## ruff: lint and format check of the whole tree (notebooks included); `ruff format .` fixes the format
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## Open the notebooks in JupyterLab
 lab: $(STAMP)

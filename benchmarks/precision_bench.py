@@ -26,7 +26,7 @@ import torch
 from llava_lite.config import get_preset
 from llava_lite.config import LlavaConfig
 from llava_lite.model import LlavaLite, add_image_token
-from llava_lite.pipeline import load_language
+from llava_lite.stages import load_language
 from llava_lite.train import set_trainable
 
 
@@ -81,7 +81,7 @@ def train_compare(steps: int) -> dict | None:
     """Stage 2 for ``steps`` steps from the latest stage-1 checkpoint, fp32 vs bf16: held-out loss."""
     from dataclasses import replace
 
-    from llava_lite import pipeline as pl
+    from llava_lite import stages as pl
     from llava_lite.data import Collator
     from llava_lite.evaluate import mean_loss
     from llava_lite.paths import Layout
@@ -105,12 +105,12 @@ def train_compare(steps: int) -> dict | None:
         pl.prepare_stage2(preset, model, stage1, lora=False)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            pl.run_stage(replace(preset, stage2=replace(preset.stage2, precision=precision)), layout, model, tok,
-                         pl.features(layout, "train", tower, progress=False), 2, pl.stage_samples(layout, "train", 2),
+            pl.run_stage(replace(preset, stage2=replace(preset.stage2, precision=precision)), model, tok,
+                         pl.split_features(layout, "train", tower, progress=False), 2, pl.stage_samples(layout, "train", 2),
                          Path(tmp), accelerator=make_accelerator(precision), progress=False, max_steps=steps)
         seconds = time.perf_counter() - t0
         _, val, _ = pl.stage_examples(preset, tok, pl.stage_samples(layout, "val", 2)[:400], 2, model.config.num_image_tokens)
-        loss = mean_loss(model, val, Collator(tok.pad_token_id, features=pl.features(layout, "val", tower, progress=False)))
+        loss = mean_loss(model, val, Collator(tok.pad_token_id, features=pl.split_features(layout, "val", tower, progress=False)))
         out[precision] = {"seconds": seconds, "val_loss": loss}
     return out
 

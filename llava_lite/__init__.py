@@ -1,8 +1,28 @@
 """llava-lite: Visual Instruction Tuning (LLaVA), taught by doing all of it.
 
-The notebooks under ``notebooks/`` explain; this package does the work. One module a concept:
-``world`` (the shapes world), ``coco`` (symbolic contexts), ``teachers`` (instruction data),
-``backbones`` / ``vision`` / ``features`` (the pretrained parts), ``model`` / ``train`` (LLaVA),
-``evaluate``, ``export``; ``cli`` wires them to the ``llava-lite`` command.
+The notebooks under ``notebooks/`` explain; this package does the work, one concept of the paper
+a module. Dependencies run down this map; the lab is used by nothing above it but ``cli``::
+
+    config, paths, io, jsonl, envcheck   settings and presets · where files live · atomic writes · JSONL logs
+    §3 data generation
+      world, facts                       the shapes world in COCO format · facts captions and teachers state
+      coco                               COCO captions + instances -> symbolic contexts
+      scene_text                         a context written as text for a reader that cannot see
+      teachers/                          symbolic teacher, chat endpoint, prompts as data files
+      validate                           LLaVA-format checks
+    §4 vision, labels, model
+      vision, features                   the frozen CLIP tower and its one image route · the feature cache
+      probes, retrieval                  what the tower's features hold · image-text retrieval of a CLIP
+      conversation, data                 templates and labels per turn · examples, batches, collators
+      model                              projector + splice + token loss; LoRA
+    §4.2 the two stages
+      train, memory                      one accelerate loop and schedule, checkpoints · the memory estimate
+      stages, lesson                     load the parts, run a stage, load it back · one setup call a notebook
+    §5 evaluation
+      generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
+    viz, tutorial                        pictures and tables for the notebooks · run them headless
+    cli                                  every ``llava-lite`` sub-command, declared in one place
+    lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)
 """
+
 __version__ = "0.1.0"

@@ -161,6 +161,41 @@ def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
     return token_loss(out.logits, batch["labels"], reduction="sum"), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def _resume(out_dir: Path, model: LlavaLite, optimizer, total: int) -> int:
+    """Weights, optimizer state and RNG state from the run's latest checkpoint; the step to go on from."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return 0
+    load_trained(model, ckpt)
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    log.info("resuming from %s (step %d of %d)", ckpt, state["step"], total)
+    return state["step"]
+
+
+def _accumulate(model, accelerator, collator: Collator, examples: Sequence[Example], micro: list[list[int]],
+                n_tokens: int, step: int, out_dir: Path) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimizer step (this process's share of
+    each); returns the summed token loss. The loss is divided by the global batch's learned tokens."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for m, idx in enumerate(micro):
+        batch = collator([examples[i] for i in idx[rank::world]])  # this process's share of the micro-batch
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        ctx = accelerator.no_sync(model) if m < len(micro) - 1 else nullcontext()
+        with ctx, accelerator.autocast():
+            loss_sum, _ = _token_loss_sum(model, batch)
+            loss = loss_sum * world / max(1, n_tokens)  # DDP averages over processes
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"step {step}: loss is {loss.item()} on samples {batch['sample_ids']}; the last good checkpoint "
+                f"is {latest_checkpoint(out_dir)} (lower the learning rate or check these samples)")
+        accelerator.backward(loss)
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
 def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = False, accelerator=None, progress: bool = True) -> dict:
     """Train ``model`` on ``examples``; returns a summary (steps, last loss, seconds, padding share)."""
@@ -182,25 +217,16 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
     optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     lengths = [len(e.enc) for e in examples]
-    label_counts = [sum(l != IGNORE for l in e.enc.labels[1:]) for e in examples]
+    label_counts = [sum(label != IGNORE for label in e.enc.labels[1:]) for e in examples]
     per_epoch = len(plan_batches(lengths, cfg.batch_size, 0, cfg.seed))
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
     total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
     warmup = max(1, int(cfg.warmup_ratio * total))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-
-    start = 0
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        load_trained(model, ckpt)
-        state = torch.load(ckpt / "train_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        start = state["step"]
-        log.info("resuming from %s (step %d of %d)", ckpt, start, total)
+    start = _resume(out_dir, model, optimizer, total) if resume else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
-    device = accelerator.device
 
     metrics_path = out_dir / "metrics.jsonl"
     if accelerator.is_main_process:
@@ -222,21 +248,7 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step, total, warmup)
         micro = [global_batch[m::cfg.grad_accum] for m in range(cfg.grad_accum)]
-        step_loss = torch.zeros((), device=device)
-        for m, idx in enumerate(micro):
-            mine = idx[rank::world]  # this process's share of the micro-batch
-            batch = collator([examples[i] for i in mine])
-            batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
-            ctx = accelerator.no_sync(model) if m < len(micro) - 1 else nullcontext()
-            with ctx, accelerator.autocast():
-                loss_sum, _ = _token_loss_sum(model, batch)
-                loss = loss_sum * world / max(1, n_tokens)  # DDP averages over processes
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"step {step}: loss is {loss.item()} on samples {batch['sample_ids']}; the last good checkpoint "
-                    f"is {latest_checkpoint(out_dir)} (lower the learning rate or check these samples)")
-            accelerator.backward(loss)
-            step_loss += loss_sum.detach()
+        step_loss = _accumulate(model, accelerator, collator, examples, micro, n_tokens, step, out_dir)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
