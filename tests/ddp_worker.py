@@ -1,4 +1,4 @@
-"""Run by tests/test_stage2.py under torchrun (2 CPU processes) and directly (1 process): trains the
+"""Run by tests/test_stages.py under torchrun (2 CPU processes) and directly (1 process): trains the
 tiny LLaVA a few stage-2 steps with the same global batch, then writes each rank's weights."""
 import sys
 from pathlib import Path
@@ -8,11 +8,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples  # noqa: E402
-
 from llava_lite import conversation as conv  # noqa: E402
 from llava_lite.data import Collator, encode_samples  # noqa: E402
 from llava_lite.train import TrainConfig, train  # noqa: E402
+
+from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples  # noqa: E402
 
 
 def main(out: str):

@@ -1,14 +1,17 @@
-"""A tiny LLaVA built in a second, for the tests of the model, the templates and the loop."""
+"""A tiny LLaVA built in a second, for the tests of the model, the templates and the loop.
+
+It reads text with the shipped tiny LM's tokenizer (``data/pretrained/tiny-lm``: byte-level BPE,
+512 tokens, the role tokens and their chat template) over a small random Llama; no lab code."""
 import random
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llava_lite import backbones, world
+from llava_lite import world
 from llava_lite.coco import SymbolicContext
-from llava_lite.config import WorldConfig
-from llava_lite.config import LlavaConfig
+from llava_lite.config import LlavaConfig, WorldConfig
 from llava_lite.model import LlavaLite, add_image_token
+from llava_lite.paths import PRETRAINED_DIR
 from llava_lite.teachers import symbolic
 
 NUM_IMAGE_TOKENS = 4
@@ -24,16 +27,16 @@ def world_samples(n: int = 40, kinds=("caption", "conversation", "exact"), seed:
 
 
 def tiny_tokenizer():
-    contexts, samples = world_samples(60)
-    texts = [t["value"] for s in samples for t in s["conversations"]] + [c.text() for c in contexts]
-    return backbones.train_tokenizer(texts, vocab_size=300)
+    """A fresh copy of the shipped tiny LM's tokenizer (tests may add tokens to theirs)."""
+    return AutoTokenizer.from_pretrained(PRETRAINED_DIR / "tiny-lm")
 
 
 def tiny_llava(tokenizer, projector_type="mlp2x_gelu", seed=0) -> LlavaLite:
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id))
     image_id = add_image_token(tokenizer, lm)
     cfg = LlavaConfig(vision_key="test-features", vision_dim=VISION_DIM, num_image_tokens=NUM_IMAGE_TOKENS,
                       lm_name="tiny-random", lm_dim=32, projector_type=projector_type, image_token_id=image_id)
