@@ -1,6 +1,6 @@
-"""The exact-answer score: items, batched greedy generation, baselines."""
+"""The exact-answer score: items, scores, baselines, the blind samples and the mean loss
+(batched generation itself is tested in test_generate.py)."""
 import pytest
-import torch
 
 from llava_lite import conversation as conv
 from llava_lite import evaluate as ev
@@ -24,17 +24,6 @@ def test_every_question_of_an_exact_sample_becomes_one_item(setup):
     assert len({it.sample_id for it in items}) == len(items)
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time(setup):
-    tok, model, samples = setup
-    template = conv.get_template("chat", tok)
-    items = ev.exact_items(samples)[:12]
-    batched = ev.ask_llava(model, template, tok, items, fake_features, batch_size=12)
-    single = [ev.ask_llava(model, template, tok, [it], fake_features, batch_size=1)[0] for it in items]
-    assert batched == single
-    blind = ev.ask_llava(model, template, tok, items, None, batch_size=5, blind=True)
-    assert len(blind) == len(items)
-
-
 def test_scores_and_the_most_common_answer_baseline():
     items = [ev.Item(str(i), None, t, "q", a) for i, (t, a) in enumerate(
         [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("exist", "yes"), ("exist", "no")])]
@@ -43,6 +32,19 @@ def test_scores_and_the_most_common_answer_baseline():
     recs = ev.records(items, ["Red.", "blue", "Blue", "yes", "No, there is none"])
     s = ev.score(recs)
     assert s["accuracy"] == {"colour": pytest.approx(2 / 3), "exist": 1.0} and s["overall"] == pytest.approx(0.8)
+
+
+def test_score_gives_each_types_most_common_answer_share_when_records_carry_the_answer():
+    items = [ev.Item(str(i), None, t, "q", a) for i, (t, a) in enumerate(
+        [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("count", "two"), ("count", "three"),
+         ("count", "two"), ("count", "two"), ("exist", "yes")])]
+    recs = ev.records(items, ["red", "blue", "blue", "two", "two", "one", "two", "no"])
+    s = ev.score(recs)
+    assert s["baseline"] == {"colour": pytest.approx(2 / 3), "count": 0.75, "exist": 1.0}
+    assert s["count"] == {"colour": 3, "count": 4, "exist": 1} and s["questions"] == 8
+    assert s["accuracy"]["count"] == 0.5 and s["accuracy"]["exist"] == 0.0
+    without = ev.score([{k: v for k, v in r.items() if k != "answer"} for r in recs])
+    assert "baseline" not in without and without["accuracy"] == s["accuracy"]
 
 
 def test_blind_samples_have_no_image_anywhere(setup):
