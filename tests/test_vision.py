@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_lite.vision import SHIPPED, ImageReadError, VisionTower, load_image
+from llava_lite.vision import SHIPPED, ImageReadError, VisionTower, load_image, normalise
 
 TINY_CFG = {
     "embed_dim": 32,
@@ -112,6 +112,37 @@ def test_non_square_image_is_padded_not_cropped():
     assert torch.allclose(x[:, 0, :], torch.zeros_like(x[:, 0, :]), atol=0.02)  # mean colour = 0 once normalised
 
 
+def test_normalise_scales_pixels_to_unit_range_then_subtracts_the_mean_over_the_std():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean, std = [0.2, 0.5, 0.7], [0.25, 0.3, 0.1]
+    expected = (x.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    got = normalise(x, mean, std)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(normalise(x[0], torch.tensor(mean), torch.tensor(std)), expected[0], rtol=0, atol=1e-6)
+
+
+def test_preprocess_of_a_square_image_at_the_towers_size_is_normalise_of_its_pixels():
+    t = tower()
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    img = Image.fromarray(x.permute(1, 2, 0).numpy())
+    torch.testing.assert_close(t.preprocess(img), normalise(x, t.mean, t.std), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch_size", [2, 250])
+def test_encode_of_a_uint8_tensor_equals_encode_of_the_same_images_and_one_at_a_time(batch_size):
+    t = tower()
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x]
+    from_tensor = t.encode(x, batch_size=batch_size)
+    assert from_tensor.shape == (5, 16, 32) and not from_tensor.requires_grad
+    torch.testing.assert_close(from_tensor, t.encode(images, batch_size=batch_size))
+    one_by_one = torch.cat([t.encode(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(from_tensor, one_by_one)
+    with torch.no_grad():
+        torch.testing.assert_close(from_tensor, t(normalise(x, t.mean, t.std)))
+
+
 def test_unreadable_files_raise_errors_naming_the_file(tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
@@ -139,9 +170,9 @@ def test_truncated_jpeg_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def shipped_clip_measured():
     """The shipped tiny CLIP measured afresh: retrieval and probes on 1000 scenes it never saw."""
-    from llava_lite.clip_pretrain import (heldout_descriptions, heldout_scenes, load_tiny_clip, retrieval_report,
-                                          shape_colour_probe)
     from llava_lite.config import WorldConfig
+    from llava_lite.probes import shape_colour_probe
+    from llava_lite.retrieval import heldout_descriptions, heldout_scenes, load_clip, retrieval_report
 
     folder = SHIPPED["tiny-clip"]
     card = json.loads((folder / "metrics.json").read_text())
@@ -149,7 +180,7 @@ def shipped_clip_measured():
     # a split name never used before: fresh scenes, disjoint from every split the CLIP saw
     name = "test-vision-heldout"
     images, caps, objs = heldout_scenes(world_cfg, 1000, name=name)
-    model, tokenizer = load_tiny_clip(folder)
+    model, tokenizer = load_clip(folder)
     t = VisionTower.load("tiny-clip")
     report = retrieval_report(model, tokenizer, images, caps, heldout_descriptions(objs, name))
     return card, report, shape_colour_probe(t, images, objs), t
@@ -160,7 +191,8 @@ def test_shipped_tiny_clip_loads_and_measures_what_its_card_says(shipped_clip_me
     card, r, probe, t = shipped_clip_measured
     assert t.layer == -2 and t.num_patches == 64
     # far above chance (1 in 100), and no worse than the numbers committed beside the weights
-    for way, key in (("captions", "retrieval"), ("scenes", "retrieval_scenes"), ("descriptions", "retrieval_descriptions")):
+    for way, key in (("captions", "retrieval"), ("scenes", "retrieval_scenes"),
+                     ("descriptions", "retrieval_descriptions")):
         assert r[way]["r@1"] >= max(0.2, card[key]["r@1"] - 0.05), (way, r[way], card[key])
     assert probe["shape"]["accuracy"] >= card["probe_layer-2"]["shape"]["accuracy"] - 0.03, probe
     assert probe["colour"]["accuracy"] >= max(0.85, card["probe_layer-2"]["colour"]["accuracy"] - 0.03), probe
