@@ -139,3 +139,16 @@ def test_cli_reports_each_problem_with_sample_id_and_turn_then_a_summary_and_exi
     assert main(["validate", str(path), "--images", str(tmp_path)]) == 1  # the image is not there
     (tmp_path / "000000033471.jpg").write_bytes(b"")
     assert main(["validate", str(path), "--images", str(tmp_path)]) == 0
+
+
+def test_max_problems_shows_the_first_problems_then_how_many_more_and_the_summary(tmp_path, caplog):
+    bad = [good(f"x{i}") for i in range(3)]
+    for sample in bad:
+        sample["conversations"][1]["value"] = ""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(bad))
+    caplog.set_level(logging.INFO)
+    assert main(["validate", str(path), "--max-problems", "1"]) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"{path}: sample 0 (id 'x0'), turn 1: empty 'value'", "... 2 more problems not shown",
+                     f"{path}: 3 samples, 3 problems in 3 samples (value: 3)"]
