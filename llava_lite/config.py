@@ -105,7 +105,7 @@ class LlavaConfig:
         for field in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
             a, b = getattr(self, field), getattr(other, field)
             if a != b:
-                raise ValueError(f"{what} was made for {field}={b!r}, but this model has {field}={a!r}")
+                raise ValueError(f"{what} was made for {field}={a!r}, but this model has {field}={b!r}")
 
 
 @dataclass

@@ -121,12 +121,14 @@ def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Pat
         with io.atomic_path(out_dir / _shard_name(k)) as tmp:
             save_file({"features": feats, "image_ids": torch.tensor(ids, dtype=torch.int64)}, str(tmp), metadata=meta)
     bar.close()
-    io.write_json(out_dir / "index.json", {
+    index = {
         "format": FORMAT, "cache_key": tower.cache_key, "instances": str(instances_json),
         "tokens": tower.num_patches, "width": tower.width, "dtype": "float16", "num_images": len(records),
         "shards": [{"file": _shard_name(k), "image_ids": [r.image_id for r in recs],
                     "file_names": [r.file_name for r in recs]} for k, recs in enumerate(shards)],
-    })
+    }
+    if todo or not (out_dir / "index.json").is_file() or io.read_json(out_dir / "index.json") != index:
+        io.write_json(out_dir / "index.json", index)
     return out_dir
 
 
