@@ -266,7 +266,4 @@ def train_and_report(out: str | Path, arch: ClipArchitecture, texts: ClipTexts, 
     if not (world_dir / "annotations" / "instances_pretrain.json").exists():
         log.info("no pretrain split in %s: generating the world", world_dir)
         generate(world_cfg, world_dir)
-    m = train(arch, texts, training, runtime, world_cfg, world_dir, Path(out), command)
-    log.info("tiny CLIP written to %s: r@1 %.3f, shape probe %.3f", out, m["retrieval"]["r@1"],
-             m["probe_layer-2"]["shape"]["accuracy"])
-    return m
+    return train(arch, texts, training, runtime, world_cfg, world_dir, Path(out), command)
