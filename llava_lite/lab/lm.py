@@ -149,7 +149,9 @@ def _resume(ckpt: Path, model, opt, learned: dict, dev) -> tuple[int, float]:
     if not ckpt.exists():
         return 0, 0.0
     state = torch.load(ckpt, weights_only=False, map_location=dev)
-    saved = state["learned"]
+    saved = state.get("learned")
+    if saved is None:
+        raise ValueError(f"{ckpt}: no 'learned' settings in it (written by another version of this code); delete it")
     differ = sorted(k for k in set(saved) | set(learned) if saved.get(k) != learned.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} there, {learned.get(k)!r} now" for k in differ)
