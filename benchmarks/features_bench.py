@@ -8,6 +8,7 @@
    forward + backward through a tiny Llama): image features read from the cache vs. computed
    from the image files through the tower, in the same run -> ms/step and their ratio.
 """
+
 import argparse
 import statistics
 import tempfile
@@ -18,14 +19,20 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_lite import world
-from llava_lite.config import WorldConfig
+from llava_lite.config import LlavaConfig, WorldConfig
 from llava_lite.features import FeatureReader, cache_folder, extract, split_images
-from llava_lite.config import LlavaConfig
 from llava_lite.model import LlavaLite
 from llava_lite.vision import VisionTower
 
-LM = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-          num_key_value_heads=4, max_position_embeddings=512)
+LM = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 
 
 def timed_side_by_side(steps: dict, repeats: int) -> dict:
@@ -55,20 +62,31 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        world.generate(WorldConfig(image_size=tower.image_size, splits={"bench": args.images}, seed=7), tmp / "world",
-                       progress=False)
+        world.generate(
+            WorldConfig(image_size=tower.image_size, splits={"bench": args.images}, seed=7),
+            tmp / "world",
+            progress=False,
+        )
         inst, image_dir = tmp / "world" / "annotations" / "instances_bench.json", tmp / "world" / "bench"
         t0 = time.perf_counter()
-        folder = extract(tower, inst, image_dir, cache_folder(tmp / "features", tower, "bench"), batch_size=64,
-                         progress=False)
+        folder = extract(
+            tower, inst, image_dir, cache_folder(tmp / "features", tower, "bench"), batch_size=64, progress=False
+        )
         t_extract = time.perf_counter() - t0
         reader = FeatureReader(folder)
         recs = split_images(inst)[: args.batch]
 
         image_id = LM["vocab_size"] - 1
         P = tower.num_patches
-        cfg = LlavaConfig(vision_key=tower.cache_key, vision_dim=tower.width, num_image_tokens=P, lm_name="bench",
-                          lm_dim=LM["hidden_size"], projector_type="mlp2x_gelu", image_token_id=image_id)
+        cfg = LlavaConfig(
+            vision_key=tower.cache_key,
+            vision_dim=tower.width,
+            num_image_tokens=P,
+            lm_name="bench",
+            lm_dim=LM["hidden_size"],
+            projector_type="mlp2x_gelu",
+            image_token_id=image_id,
+        )
         model = LlavaLite(cfg, LlamaForCausalLM(LlamaConfig(**LM)), vision=tower)
         model.requires_grad_(False)
         model.projector.requires_grad_(True)
@@ -89,17 +107,22 @@ def main():
             if backward:
                 loss.backward()
 
-        fwd = timed_side_by_side({"pixels": lambda: from_pixels(False), "cache": lambda: from_cache(False)},
-                                 args.repeats)
-        step = timed_side_by_side({"pixels": lambda: from_pixels(True), "cache": lambda: from_cache(True)},
-                                  args.repeats)
+        fwd = timed_side_by_side(
+            {"pixels": lambda: from_pixels(False), "cache": lambda: from_cache(False)}, args.repeats
+        )
+        step = timed_side_by_side(
+            {"pixels": lambda: from_pixels(True), "cache": lambda: from_cache(True)}, args.repeats
+        )
 
     print(f"tower {tower.cache_key}: {P} tokens x {tower.width}, torch threads {torch.get_num_threads()}")
     print(f"feature extraction: {args.images} images in {t_extract:.1f} s = {args.images / t_extract:.0f} images/s")
     for what, t in (("forward", fwd), ("forward + backward", step)):
         print(f"stage-1-sized {what} (batch {B}, {P} image + {args.text} text tokens, median of {args.repeats}):")
         print(f"  from image files through the tower: {t['pixels']:8.1f} ms")
-        print(f"  from the feature cache            : {t['cache']:8.1f} ms   ratio pixels/cache {t['pixels'] / t['cache']:.2f}")
+        print(
+            f"  from the feature cache            : {t['cache']:8.1f} ms   "
+            f"ratio pixels/cache {t['pixels'] / t['cache']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,44 +10,71 @@ and fp16 (autocast; fp16 with loss scaling). For each it prints peak memory, tok
 model-FLOPs utilisation (6 x trainable-path FLOPs per token / peak), and whether the ``colab``
 preset's micro-batch fits in 15 GB (a T4 has 15 GB usable).
 """
+
 import argparse
 import time
 
 import torch
 
-from llava_lite.config import get_preset
-from llava_lite.config import LlavaConfig
+from llava_lite.config import LlavaConfig, get_preset
 from llava_lite.model import LlavaLite, apply_lora
 from llava_lite.train import set_trainable
 from llava_lite.vision import VisionTower
 
-PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989}, "H200": {"bf16": 989, "fp16": 989}, "A100": {"bf16": 312, "fp16": 312},
-               "T4": {"bf16": 65, "fp16": 65}}
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989, "fp16": 989},
+    "H200": {"bf16": 989, "fp16": 989},
+    "A100": {"bf16": 312, "fp16": 312},
+    "T4": {"bf16": 65, "fp16": 65},
+}
 
 
 def qwen_like(small: bool):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if small:
-        cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=1024)
+        cfg = Qwen2Config(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
     else:  # Qwen2.5-0.5B's shape
-        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+        cfg = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )
     return Qwen2ForCausalLM(cfg)
 
 
 def tower(small: bool) -> VisionTower:
     if small:
-        return VisionTower.from_config({"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2,
-                                        "head_width": 16}, "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32,
-                                                                        "heads": 1, "layers": 1}})
+        return VisionTower.from_config(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+                "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+            }
+        )
     import open_clip
-
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    return VisionTower(open_clip.create_model("ViT-B-16").visual, name="ViT-B-16", weights_id="random-init",
-                       mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    return VisionTower(
+        open_clip.create_model("ViT-B-16").visual,
+        name="ViT-B-16",
+        weights_id="random-init",
+        mean=OPENAI_DATASET_MEAN,
+        std=OPENAI_DATASET_STD,
+    )
 
 
 def peak_tflops(precision: str) -> float | None:
@@ -66,8 +93,15 @@ def run(mode: str, precision: str, micro: int, text_tokens: int, steps: int, sma
     lm = qwen_like(small).to(device)
     n_img = vt.num_patches
     image_id = lm.config.vocab_size - 1
-    cfg = LlavaConfig(vision_key=vt.cache_key, vision_dim=vt.width, num_image_tokens=n_img, lm_name="qwen2-0.5b-shape",
-                      lm_dim=lm.config.hidden_size, projector_type="mlp2x_gelu", image_token_id=image_id)
+    cfg = LlavaConfig(
+        vision_key=vt.cache_key,
+        vision_dim=vt.width,
+        num_image_tokens=n_img,
+        lm_name="qwen2-0.5b-shape",
+        lm_dim=lm.config.hidden_size,
+        projector_type="mlp2x_gelu",
+        image_token_id=image_id,
+    )
     model = LlavaLite(cfg, lm, vision=vt).to(device)
     if mode == "lora":
         apply_lora(model, r=64, alpha=128)
@@ -78,7 +112,9 @@ def run(mode: str, precision: str, micro: int, text_tokens: int, steps: int, sma
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-    ids = torch.cat([torch.full((micro, n_img), image_id), torch.randint(0, image_id, (micro, text_tokens))], 1).to(device)
+    ids = torch.cat([torch.full((micro, n_img), image_id), torch.randint(0, image_id, (micro, text_tokens))], 1).to(
+        device
+    )
     labels = ids.clone()
     labels[:, :n_img] = -100
     pixels = torch.randn(micro, 3, vt.image_size, vt.image_size, device=device)
@@ -101,12 +137,23 @@ def run(mode: str, precision: str, micro: int, text_tokens: int, steps: int, sma
     dt = sum(times) / len(times)
     tokens = micro * ids.shape[1]
     lm_params = sum(p.numel() for p in model.lm.parameters())
-    flops = 6 * lm_params * tokens + 2 * sum(p.numel() for p in vt.parameters()) * micro * n_img  # LM fwd+bwd, tower fwd
+    flops = (
+        6 * lm_params * tokens + 2 * sum(p.numel() for p in vt.parameters()) * micro * n_img
+    )  # LM fwd+bwd, tower fwd
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     tf = peak_tflops(precision)
-    return {"mode": mode, "precision": precision, "micro_batch": micro, "tokens/step": tokens, "s/step": round(dt, 3),
-            "tokens/s": round(tokens / dt), "peak GiB": round(peak, 2), "trainable": model.trainable_parameters(),
-            "MFU": round(flops / dt / (tf * 1e12), 3) if tf else None, "fits 15 GB": peak < 15 if device == "cuda" else None}
+    return {
+        "mode": mode,
+        "precision": precision,
+        "micro_batch": micro,
+        "tokens/step": tokens,
+        "s/step": round(dt, 3),
+        "tokens/s": round(tokens / dt),
+        "peak GiB": round(peak, 2),
+        "trainable": model.trainable_parameters(),
+        "MFU": round(flops / dt / (tf * 1e12), 3) if tf else None,
+        "fits 15 GB": peak < 15 if device == "cuda" else None,
+    }
 
 
 def main():
@@ -120,8 +167,10 @@ def main():
     text = colab.model.max_len - 196
     if args.small:
         text = 32
-    print(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; colab micro-batch {micro}, "
-          f"{text} text tokens + image tokens per sample")
+    print(
+        f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; colab micro-batch {micro}, "
+        f"{text} text tokens + image tokens per sample"
+    )
     for mode in ("full", "lora"):
         for precision in ("bf16", "fp16"):
             if device == "cpu" and precision == "fp16":

@@ -10,14 +10,14 @@ the ratios (goal: ours no slower from pixels, at least 2x faster from cached fea
 ViT-B/16 at 224 px (the `colab` preset's tower, random weights) beside the same tiny language
 model, the proportions of a real LLaVA, where the tower is a large share of a step.
 """
+
 import argparse
 import statistics
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 from transformers import LlavaConfig as HFLlavaConfig
-from transformers import LlavaForConditionalGeneration
 
 from llava_lite.config import LlavaConfig
 from llava_lite.model import LlavaLite
@@ -26,8 +26,15 @@ from llava_lite.vision import VisionTower
 # towers: (image, patch, width, layers, heads); "tiny" is the shipped tiny CLIP's shape
 TOWERS = {"tiny": (64, 8, 64, 4, 2), "vit-b-16": (224, 16, 768, 12, 12)}
 # the shipped tiny language model's shape (data/pretrained/tiny-lm)
-LM = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-          num_key_value_heads=4, max_position_embeddings=1024)
+LM = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+)
 
 
 def timed(step, repeats):
@@ -55,21 +62,49 @@ def main():
 
     # transformers' Llava (CLIP vision tower, layer -2, CLS dropped, gelu MLP projector)
     hf_cfg = HFLlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=V_WIDTH, intermediate_size=4 * V_WIDTH, num_hidden_layers=V_LAYERS,
-                                       num_attention_heads=V_HEADS, image_size=IMAGE, patch_size=PATCH, hidden_act="gelu",
-                                       layer_norm_eps=1e-5),
-        text_config=LlamaConfig(**LM), image_token_index=image_id, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default")
+        vision_config=CLIPVisionConfig(
+            hidden_size=V_WIDTH,
+            intermediate_size=4 * V_WIDTH,
+            num_hidden_layers=V_LAYERS,
+            num_attention_heads=V_HEADS,
+            image_size=IMAGE,
+            patch_size=PATCH,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        ),
+        text_config=LlamaConfig(**LM),
+        image_token_index=image_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     hf = LlavaForConditionalGeneration(hf_cfg)
     hf.requires_grad_(False)
     hf.model.multi_modal_projector.requires_grad_(True)
 
     # ours: an open_clip ViT of the same shape, the same Llama, the same projector
-    tower = VisionTower.from_config({"embed_dim": V_WIDTH, "vision_cfg": {"image_size": IMAGE, "patch_size": PATCH, "width": V_WIDTH,
-                                     "layers": V_LAYERS, "head_width": V_WIDTH // V_HEADS},
-                                     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}})
-    cfg = LlavaConfig(vision_key=tower.cache_key, vision_dim=V_WIDTH, num_image_tokens=n_patches, lm_name="bench",
-                      lm_dim=LM["hidden_size"], projector_type="mlp2x_gelu", image_token_id=image_id)
+    tower = VisionTower.from_config(
+        {
+            "embed_dim": V_WIDTH,
+            "vision_cfg": {
+                "image_size": IMAGE,
+                "patch_size": PATCH,
+                "width": V_WIDTH,
+                "layers": V_LAYERS,
+                "head_width": V_WIDTH // V_HEADS,
+            },
+            "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+        }
+    )
+    cfg = LlavaConfig(
+        vision_key=tower.cache_key,
+        vision_dim=V_WIDTH,
+        num_image_tokens=n_patches,
+        lm_name="bench",
+        lm_dim=LM["hidden_size"],
+        projector_type="mlp2x_gelu",
+        image_token_id=image_id,
+    )
     ours = LlavaLite(cfg, LlamaForCausalLM(LlamaConfig(**LM)), vision=tower)
     ours.requires_grad_(False)
     ours.projector.requires_grad_(True)
@@ -100,14 +135,18 @@ def main():
     t_hf = timed(hf_step, args.repeats)
     t_px = timed(ours_pixels, args.repeats)
     t_fc = timed(ours_cached, args.repeats)
-    print(f"tower {args.tower} ({IMAGE} px, patch {PATCH}, width {V_WIDTH}, {V_LAYERS} layers), "
-          f"batch {B}, {n_patches} image tokens + {args.text} text tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"tower {args.tower} ({IMAGE} px, patch {PATCH}, width {V_WIDTH}, {V_LAYERS} layers), "
+        f"batch {B}, {n_patches} image tokens + {args.text} text tokens, torch threads {torch.get_num_threads()}"
+    )
     print(f"transformers Llava, from pixels : {t_hf:8.1f} ms/step")
     print(f"llava-lite, from pixels         : {t_px:8.1f} ms/step   ratio {t_hf / t_px:5.2f}x (goal >= 1.0)")
     print(f"llava-lite, from cached features: {t_fc:8.1f} ms/step   ratio {t_hf / t_fc:5.2f}x (goal >= 2.0)")
     share = t_tower / t_px
-    print(f"the tower's forward alone       : {t_tower:8.1f} ms = {share:.0%} of our step from pixels, so skipping it "
-          f"can save at most {1 / (1 - share):.2f}x at these sizes (Amdahl)")
+    print(
+        f"the tower's forward alone       : {t_tower:8.1f} ms = {share:.0%} of our step from pixels, so skipping it "
+        f"can save at most {1 / (1 - share):.2f}x at these sizes (Amdahl)"
+    )
 
 
 if __name__ == "__main__":

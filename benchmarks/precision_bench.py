@@ -15,6 +15,7 @@ whether bf16 trains as well. Everything is measured side by side in one run.
    ``llava-lite`` commands make it): N stage-2 steps from the same stage-1 checkpoint in each
    precision, and the held-out loss of each: "trains as well" measured, not assumed.
 """
+
 import argparse
 import statistics
 import tempfile
@@ -23,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llava_lite.config import get_preset
-from llava_lite.config import LlavaConfig
+from llava_lite.config import LlavaConfig, get_preset
 from llava_lite.model import LlavaLite, add_image_token
 from llava_lite.stages import load_language
 from llava_lite.train import set_trainable
@@ -34,7 +34,7 @@ def gemm_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_time(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _time(fn) -> float:
@@ -49,8 +49,15 @@ def step_timing(precision: str, batch: int, text: int, repeats: int) -> dict:
     lm, tok = load_language(preset.language)
     n_img, v_dim = 64, 64  # the tiny CLIP: 8 x 8 patches of width 64
     image_id = add_image_token(tok, lm)
-    cfg = LlavaConfig(vision_key="bench", vision_dim=v_dim, num_image_tokens=n_img, lm_name="tiny-lm",
-                      lm_dim=lm.config.hidden_size, projector_type="mlp2x_gelu", image_token_id=image_id)
+    cfg = LlavaConfig(
+        vision_key="bench",
+        vision_dim=v_dim,
+        num_image_tokens=n_img,
+        lm_name="tiny-lm",
+        lm_dim=lm.config.hidden_size,
+        projector_type="mlp2x_gelu",
+        image_token_id=image_id,
+    )
     model = LlavaLite(cfg, lm)
     groups = set_trainable(model, 2)
     opt = torch.optim.AdamW([p for _, ps in groups for p in ps], lr=1e-4)
@@ -72,9 +79,14 @@ def step_timing(precision: str, batch: int, text: int, repeats: int) -> dict:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     c = lm.config
     length = n_img + text
-    flops = 6 * n_params * batch * length + 12 * c.num_hidden_layers * c.hidden_size * length ** 2 * batch
-    return {"ms": ms, "tokens_per_s": batch * length / ms * 1000, "flops_per_s": flops / ms * 1000,
-            "params": n_params, "tokens": batch * length}
+    flops = 6 * n_params * batch * length + 12 * c.num_hidden_layers * c.hidden_size * length**2 * batch
+    return {
+        "ms": ms,
+        "tokens_per_s": batch * length / ms * 1000,
+        "flops_per_s": flops / ms * 1000,
+        "params": n_params,
+        "tokens": batch * length,
+    }
 
 
 def train_compare(steps: int) -> dict | None:
@@ -91,8 +103,10 @@ def train_compare(steps: int) -> dict | None:
     layout = Layout.for_preset("tiny")
     stage1 = latest_checkpoint(pl.run_dir(layout, 1))
     if stage1 is None or not (layout.instruct / "val.json").exists():
-        print(f"(no tiny stage-1 checkpoint or instruction data under {layout.root}: skipping the training comparison; "
-              "run notebooks 00-03 first)")
+        print(
+            f"(no tiny stage-1 checkpoint or instruction data under {layout.root}: skipping the training comparison; "
+            "run notebooks 00-03 first)"
+        )
         return None
     tower = pl.load_vision(preset.vision)
     out = {}
@@ -105,12 +119,25 @@ def train_compare(steps: int) -> dict | None:
         pl.prepare_stage2(preset, model, stage1, lora=False)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            pl.run_stage(replace(preset, stage2=replace(preset.stage2, precision=precision)), model, tok,
-                         pl.split_features(layout, "train", tower, progress=False), 2, pl.stage_samples(layout, "train", 2),
-                         Path(tmp), accelerator=make_accelerator(precision), progress=False, max_steps=steps)
+            pl.run_stage(
+                replace(preset, stage2=replace(preset.stage2, precision=precision)),
+                model,
+                tok,
+                pl.split_features(layout, "train", tower, progress=False),
+                2,
+                pl.stage_samples(layout, "train", 2),
+                Path(tmp),
+                accelerator=make_accelerator(precision),
+                progress=False,
+                max_steps=steps,
+            )
         seconds = time.perf_counter() - t0
-        _, val, _ = pl.stage_examples(preset, tok, pl.stage_samples(layout, "val", 2)[:400], 2, model.config.num_image_tokens)
-        loss = mean_loss(model, val, Collator(tok.pad_token_id, features=pl.split_features(layout, "val", tower, progress=False)))
+        _, val, _ = pl.stage_examples(
+            preset, tok, pl.stage_samples(layout, "val", 2)[:400], 2, model.config.num_image_tokens
+        )
+        loss = mean_loss(
+            model, val, Collator(tok.pad_token_id, features=pl.split_features(layout, "val", tower, progress=False))
+        )
         out[precision] = {"seconds": seconds, "val_loss": loss}
     return out
 
@@ -124,20 +151,31 @@ def main():
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     peak = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
-    print(f"torch threads {torch.get_num_threads()}; matrix-product peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print(
+        f"torch threads {torch.get_num_threads()}; matrix-product peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s"
+    )
     res = {p: step_timing(p, args.batch, args.text, args.repeats) for p in ("fp32", "bf16")}
     r = res["fp32"]
-    print(f"stage-2 step, tiny LLaVA, batch {args.batch} x {64 + args.text} tokens, {r['params'] / 1e6:.2f}M trained parameters")
+    print(
+        f"stage-2 step, tiny LLaVA, batch {args.batch} x {64 + args.text} tokens, "
+        f"{r['params'] / 1e6:.2f}M trained parameters"
+    )
     for p, r in res.items():
-        print(f"  {p}: {r['ms']:7.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  "
-              f"MFU {r['flops_per_s'] / peak['fp32']:.1%} of the fp32 peak, {r['flops_per_s'] / peak[p]:.1%} of the {p} peak")
+        print(
+            f"  {p}: {r['ms']:7.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s  "
+            f"MFU {r['flops_per_s'] / peak['fp32']:.1%} of the fp32 peak, "
+            f"{r['flops_per_s'] / peak[p]:.1%} of the {p} peak"
+        )
     print(f"  bf16 autocast vs fp32: {res['fp32']['ms'] / res['bf16']['ms']:.2f}x the speed")
     if args.train_steps:
         cmp = train_compare(args.train_steps)
         if cmp:
             for p, c in cmp.items():
-                print(f"  {args.train_steps} stage-2 steps in {p}: {c['seconds']:.0f} s, held-out loss {c['val_loss']:.4f}")
+                print(
+                    f"  {args.train_steps} stage-2 steps in {p}: {c['seconds']:.0f} s, "
+                    f"held-out loss {c['val_loss']:.4f}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Symbolic teacher throughput on 10,000 world contexts (all five sample types).
 
-    python benchmarks/teacher_bench.py [--contexts 10000]
+python benchmarks/teacher_bench.py [--contexts 10000]
 """
+
 import argparse
 import time
 
@@ -16,8 +17,17 @@ def main():
     ap.add_argument("--contexts", type=int, default=10000)
     args = ap.parse_args()
     scenes = world.sample_world(WorldConfig(splits={"train": args.contexts}))["train"]
-    contexts = [SymbolicContext(s.image_id, s.file_name, s.size, s.size, world.captions(s, __import__("random").Random(s.image_id)),
-                                s.objects()) for s in scenes]
+    contexts = [
+        SymbolicContext(
+            s.image_id,
+            s.file_name,
+            s.size,
+            s.size,
+            world.captions(s, __import__("random").Random(s.image_id)),
+            s.objects(),
+        )
+        for s in scenes
+    ]
     for kinds in (("conversation",), ("detail",), ("complex",), ("exact",), symbolic.TYPES):
         t0 = time.perf_counter()
         samples, _ = symbolic.generate(contexts, kinds)

@@ -4,6 +4,7 @@
 
 Prints scenes/s for sampling, rendering + PNG writing, and the whole generate() call.
 """
+
 import argparse
 import tempfile
 import time
@@ -28,7 +29,10 @@ def main():
     n = len(scenes)
     print(f"scenes: {n} at {args.size} px")
     print(f"sample layouts only : {t_sample:6.2f} s  {n / t_sample:9.0f} scenes/s")
-    print(f"generate (PNG + COCO): {t_all:6.2f} s  {n / t_all:9.0f} scenes/s  (goal: < 60 s -> {'met' if t_all < 60 else 'NOT met'})")
+    print(
+        f"generate (PNG + COCO): {t_all:6.2f} s  {n / t_all:9.0f} scenes/s  "
+        f"(goal: < 60 s -> {'met' if t_all < 60 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

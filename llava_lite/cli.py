@@ -4,6 +4,7 @@ Each command is a parser and a few lines that call the module doing the work. Th
 module that sees both the core and the lab: ``backbones lm`` and ``backbones clip`` run the lab's
 recipes behind the shipped tiny backbones, their flags made from the lab's config dataclasses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,16 @@ from . import features, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
-from .lab.config import (ClipArchitecture, ClipRuntime, ClipTexts, ClipTraining, LMArchitecture, LMDocuments,
-                         LMRuntime, LMTraining)
+from .lab.config import (
+    ClipArchitecture,
+    ClipRuntime,
+    ClipTexts,
+    ClipTraining,
+    LMArchitecture,
+    LMDocuments,
+    LMRuntime,
+    LMTraining,
+)
 from .paths import PRETRAINED_DIR, Layout
 from .teachers import instruct
 from .vision import VisionTower
@@ -56,8 +65,9 @@ def command_line(args: argparse.Namespace, *configs) -> str:
                 parts.append(flag if value else "--no-" + flag[2:])
             elif value not in ("", None):
                 parts += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return " ".join(parts + [f"--preset {args.preset}"] + ([f"--world {args.world}"] if args.world else [])
-                    + [f"--out {args.out}"])
+    return " ".join(
+        parts + [f"--preset {args.preset}"] + ([f"--world {args.world}"] if args.world else []) + [f"--out {args.out}"]
+    )
 
 
 # ------------------------------------------------------------------ the commands
@@ -67,8 +77,12 @@ def _world(sub) -> None:
     p.add_argument("--out", help="folder to write (default: outputs/<preset>/world)")
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int)
-    p.add_argument("--split", action="append", metavar="NAME=N",
-                   help="scenes per split, e.g. --split train=1000 (repeatable; default: the preset's)")
+    p.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME=N",
+        help="scenes per split, e.g. --split train=1000 (repeatable; default: the preset's)",
+    )
 
     def run(args):
         cfg = get_preset(args.preset).world
@@ -106,8 +120,13 @@ def _instruct(sub) -> None:
             raise ValueError("--teacher chat needs --base-url and --model")
         for split in args.split or list(get_preset(args.preset).world.splits):
             if args.teacher == "chat":
-                cfg = TeacherConfig(kind="chat", base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                                    chat_concurrency=args.concurrency)
+                cfg = TeacherConfig(
+                    kind="chat",
+                    base_url=args.base_url,
+                    model=args.model,
+                    api_key_env=args.api_key_env,
+                    chat_concurrency=args.concurrency,
+                )
                 log.info("%s: %s", split, instruct.build_chat(layout, split, cfg, args.limit).summary())
             else:
                 instruct.build_split(layout, split, seed=args.seed, limit=args.limit)
@@ -116,8 +135,9 @@ def _instruct(sub) -> None:
 
 
 def _validate(sub) -> None:
-    p = sub.add_parser("validate", help="check a LLaVA-format JSON / JSONL file",
-                       description=validate.__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "validate", help="check a LLaVA-format JSON / JSONL file", description=validate.__doc__.split("\n\n")[0]
+    )
     p.add_argument("file", type=Path, help="a JSON list of samples or JSON Lines")
     p.add_argument("--images", type=Path, help="image folder: check that every sample's image exists")
     p.add_argument("--max-problems", type=int, default=0, help="report at most this many problems (0: all)")
@@ -137,8 +157,13 @@ def _backbones(sub) -> None:
     add_config_flags(lm, *(cls() for cls in lm_configs))
 
     def run_lm(args):
-        lab_lm.train_and_report(args.out, *(config_from(args, cls) for cls in lm_configs), world=args.world,
-                                preset=args.preset, eval_split=args.eval_split)
+        lab_lm.train_and_report(
+            args.out,
+            *(config_from(args, cls) for cls in lm_configs),
+            world=args.world,
+            preset=args.preset,
+            eval_split=args.eval_split,
+        )
 
     lm.set_defaults(func=run_lm)
 
@@ -151,10 +176,15 @@ def _backbones(sub) -> None:
 
     def run_clip(args):
         configs = [config_from(args, cls) for cls in clip_configs]
-        m = lab_clip.train_and_report(Path(args.out), *configs, preset=args.preset, world=args.world,
-                                      command=command_line(args, *configs))
-        log.info("tiny CLIP written to %s: r@1 %.3f, shape probe %.3f", args.out, m["retrieval"]["r@1"],
-                 m["probe_layer-2"]["shape"]["accuracy"])
+        m = lab_clip.train_and_report(
+            Path(args.out), *configs, preset=args.preset, world=args.world, command=command_line(args, *configs)
+        )
+        log.info(
+            "tiny CLIP written to %s: r@1 %.3f, shape probe %.3f",
+            args.out,
+            m["retrieval"]["r@1"],
+            m["probe_layer-2"]["shape"]["accuracy"],
+        )
 
     clip.set_defaults(func=run_clip)
 
@@ -175,15 +205,24 @@ def _features(sub) -> None:
 
     def run(args):
         vcfg, layout = get_preset(args.preset).vision, Layout.for_preset(args.preset)
-        tower = VisionTower.load(args.encoder or vcfg.encoder, args.pretrained if args.encoder else vcfg.pretrained,
-                                 layer=vcfg.layer if args.layer is None else args.layer,
-                                 keep_cls=args.keep_cls or vcfg.keep_cls, device=args.device)
+        tower = VisionTower.load(
+            args.encoder or vcfg.encoder,
+            args.pretrained if args.encoder else vcfg.pretrained,
+            layer=vcfg.layer if args.layer is None else args.layer,
+            keep_cls=args.keep_cls or vcfg.keep_cls,
+            device=args.device,
+        )
         world_dir = Path(args.world) if args.world else layout.world
         root = Path(args.out) if args.out else layout.features
         for split in args.split or ["train"]:
-            folder = features.extract(tower, world_dir / "annotations" / f"instances_{split}.json", world_dir / split,
-                                      features.cache_folder(root, tower, split), batch_size=args.batch_size,
-                                      shard_size=args.shard_size)
+            folder = features.extract(
+                tower,
+                world_dir / "annotations" / f"instances_{split}.json",
+                world_dir / split,
+                features.cache_folder(root, tower, split),
+                batch_size=args.batch_size,
+                shard_size=args.shard_size,
+            )
             log.info("features of %s (%s) in %s", split, tower.cache_key, folder)
 
     p.set_defaults(func=run)
@@ -200,17 +239,23 @@ def _train(sub) -> None:
     p.add_argument("--batch-size", type=int, help="samples per optimizer step (default: the preset's)")
     p.add_argument("--lr", type=float, help="the projector's learning rate (default: the preset's)")
     p.add_argument("--lm-lr", type=float, help="stage 2: the language model's learning rate (default: the preset's)")
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                   help="stage 2: LoRA adapters (default: the preset's)")
+    p.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stage 2: LoRA adapters (default: the preset's)",
+    )
     p.add_argument("--blind", action="store_true", help="train without image tokens (the blind baseline)")
-    p.add_argument("--seed", type=int, help="the projector's initial weights, LoRA's and the batch order "
-                                            "(default: the preset's)")
+    p.add_argument(
+        "--seed", type=int, help="the projector's initial weights, LoRA's and the batch order (default: the preset's)"
+    )
 
     def run(args):
         overrides = {"max_steps": args.max_steps} if args.max_steps else {}
         overrides.update({k: getattr(args, k) for k in ("lr", "lm_lr", "batch_size") if getattr(args, k) is not None})
-        summary = stages.train_stage(args.preset, args.stage, args.out, args.stage1, args.resume, args.blind, args.lora,
-                                     args.seed, **overrides)
+        summary = stages.train_stage(
+            args.preset, args.stage, args.out, args.stage1, args.resume, args.blind, args.lora, args.seed, **overrides
+        )
         log.info("stage %d done: %s", args.stage, {k: summary[k] for k in ("steps", "seconds", "last")})
 
     p.set_defaults(func=run)
@@ -225,8 +270,12 @@ def _evaluate(sub) -> None:
 
     def run(args):
         summary = stages.evaluate_checkpoint(args.preset, args.checkpoint, args.split, args.out)
-        log.info("exact-answer accuracy on %s: %.3f %s", args.split, summary["overall"],
-                 {k: round(v, 3) for k, v in summary["accuracy"].items()})
+        log.info(
+            "exact-answer accuracy on %s: %.3f %s",
+            args.split,
+            summary["overall"],
+            {k: round(v, 3) for k, v in summary["accuracy"].items()},
+        )
 
     p.set_defaults(func=run)
 
@@ -258,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -11,6 +11,7 @@ Works on the shapes world's files and on real COCO 2014/2017 alike. A context re
 with boxes ``[x1, y1, x2, y2]`` normalised to 0..1 and written with 3 decimals. A malformed
 file raises :class:`CocoFormatError` naming the file and the record; nothing is dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -105,8 +106,7 @@ def load_contexts(instances: str | Path, captions: str | Path) -> list[SymbolicC
         x, y, w, h = box
         t = BOX_TOLERANCE_PX
         if w < 0 or h < 0 or x < -t or y < -t or x + w > ctx.width + t or y + h > ctx.height + t:
-            raise CocoFormatError(
-                f"{where}: bbox {box} lies outside image {ctx.image_id} ({ctx.width}x{ctx.height})")
+            raise CocoFormatError(f"{where}: bbox {box} lies outside image {ctx.image_id} ({ctx.width}x{ctx.height})")
         W, H = ctx.width, ctx.height
         norm = (max(0.0, x / W), max(0.0, y / H), min(1.0, (x + w) / W), min(1.0, (y + h) / H))
         ctx.objects.append(Obj(categories[rec["category_id"]], norm))

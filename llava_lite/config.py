@@ -2,6 +2,7 @@
 
 A preset only changes names and sizes: every stage runs the same functions in every preset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,9 +22,7 @@ class WorldConfig:
     max_objects: int = 6
     seed: int = 0
     # scenes per split; the splits are disjoint (no scene appears in two of them)
-    splits: dict[str, int] = field(
-        default_factory=lambda: {"pretrain": 20000, "train": 8000, "val": 500, "test": 500}
-    )
+    splits: dict[str, int] = field(default_factory=lambda: {"pretrain": 20000, "train": 8000, "val": 500, "test": 500})
 
 
 @dataclass
@@ -94,18 +93,18 @@ class LlavaConfig:
         io.write_json(Path(folder) / "llava_config.json", asdict(self), indent=2)
 
     @classmethod
-    def load(cls, folder: Path) -> "LlavaConfig":
+    def load(cls, folder: Path) -> LlavaConfig:
         path = Path(folder) / "llava_config.json"
         if not path.exists():
             raise FileNotFoundError(f"{folder}: not a llava-lite checkpoint (no llava_config.json)")
         return cls(**json.loads(path.read_text()))
 
-    def check_compatible(self, other: "LlavaConfig", what: str) -> None:
+    def check_compatible(self, other: LlavaConfig, what: str) -> None:
         """A clear error when a checkpoint belongs to another encoder, LM or projector."""
-        for field in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
-            a, b = getattr(self, field), getattr(other, field)
+        for name in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
+            a, b = getattr(self, name), getattr(other, name)
             if a != b:
-                raise ValueError(f"{what} was made for {field}={a!r}, but this model has {field}={b!r}")
+                raise ValueError(f"{what} was made for {name}={a!r}, but this model has {name}={b!r}")
 
 
 @dataclass
@@ -141,10 +140,13 @@ class Preset:
     model: ModelConfig = field(default_factory=ModelConfig)
     # the tiny preset's schedules, sized for minutes on two CPU cores (docs/results.md has how they were chosen)
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1, lr=1e-3, batch_size=32, epochs=1))
-    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, lr=1e-3, lm_lr=2e-3, batch_size=16,
-                                                                     max_steps=2000, group_by_length=True))
+    stage2: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            stage=2, lr=1e-3, lm_lr=2e-3, batch_size=16, max_steps=2000, group_by_length=True
+        )
+    )
 
-    def replace(self, **changes) -> "Preset":
+    def replace(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)
 
 
@@ -158,12 +160,20 @@ def _colab() -> Preset:
         world=WorldConfig(image_size=224, splits={"train": 5000, "val": 200, "test": 200}),
         vision=VisionConfig(encoder="ViT-B-16", pretrained="openai"),
         language=LanguageConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct", dtype="fp32"),
-        model=ModelConfig(max_len=512, lora=True, lora_r=64,
-                          lora_alpha=128),
+        model=ModelConfig(max_len=512, lora=True, lora_r=64, lora_alpha=128),
         # sized for one T4 (16 GB, fp16): micro-batches of 8 with accumulation
         stage1=TrainConfig(stage=1, lr=1e-3, batch_size=64, grad_accum=8, precision="fp16"),
-        stage2=TrainConfig(stage=2, lr=2e-5, lm_lr=2e-4, batch_size=32, grad_accum=8, epochs=1, precision="fp16",
-                           group_by_length=True, gradient_checkpointing=True),
+        stage2=TrainConfig(
+            stage=2,
+            lr=2e-5,
+            lm_lr=2e-4,
+            batch_size=32,
+            grad_accum=8,
+            epochs=1,
+            precision="fp16",
+            group_by_length=True,
+            gradient_checkpointing=True,
+        ),
     )
 
 
@@ -175,8 +185,15 @@ def _full() -> Preset:
         language=LanguageConfig(name="Qwen/Qwen2.5-1.5B-Instruct", dtype="bf16"),
         model=ModelConfig(max_len=2048),
         stage1=TrainConfig(stage=1, lr=1e-3, batch_size=256, precision="bf16"),
-        stage2=TrainConfig(stage=2, lr=2e-5, batch_size=128, epochs=1, precision="bf16", group_by_length=True,
-                           gradient_checkpointing=True),
+        stage2=TrainConfig(
+            stage=2,
+            lr=2e-5,
+            batch_size=128,
+            epochs=1,
+            precision="bf16",
+            group_by_length=True,
+            gradient_checkpointing=True,
+        ),
     )
 
 

@@ -13,12 +13,13 @@ Three templates:
   split into pieces by rendering growing prefixes of the conversation;
 - ``roles``: the tiny LM's chat layout written piece by piece (its pretraining documents).
 """
+
 from __future__ import annotations
 
 import logging
-from html import escape as html_escape
 from dataclasses import dataclass, field
 from functools import lru_cache
+from html import escape as html_escape
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def to_messages(conversations: list[dict], sample_id: str = "") -> list[dict]:
     for i, turn in enumerate(conversations):
         role = ROLES.get(turn.get("from"))
         if role is None:
-            raise TemplateError(f"sample {sample_id}, turn {i}: unknown role {turn.get('from')!r} (expected human or gpt)")
+            raise TemplateError(
+                f"sample {sample_id}, turn {i}: unknown role {turn.get('from')!r} (expected human or gpt)"
+            )
         messages.append({"role": role, "content": turn["value"]})
     roles = [m["role"] for m in messages if m["role"] != "system"]
     if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
@@ -70,7 +73,9 @@ class Template:
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise TemplateError(f"the tokenizer has no {IMAGE_TOKEN} token: call model.add_image_token(tokenizer) first")
+            raise TemplateError(
+                f"the tokenizer has no {IMAGE_TOKEN} token: call model.add_image_token(tokenizer) first"
+            )
         self._piece = lru_cache(maxsize=100_000)(self._tokenise)
 
     def _tokenise(self, text: str) -> tuple[int, ...]:
@@ -139,16 +144,16 @@ class ChatTemplate(Template):
             if m["role"] == "assistant":
                 opened = self._render(messages[:k], generation=True)
                 self._check_prefix(done, opened, k)
-                out.append((opened[len(done):], False))
+                out.append((opened[len(done) :], False))
                 done = opened
             text = self._render(messages[: k + 1])
             self._check_prefix(done, text, k)
-            out.append((text[len(done):], m["role"] == "assistant"))
+            out.append((text[len(done) :], m["role"] == "assistant"))
             done = text
         if generation:
             opened = self._render(messages, generation=True)
             self._check_prefix(done, opened, len(messages))
-            out.append((opened[len(done):], False))
+            out.append((opened[len(done) :], False))
         return [(t, learned) for t, learned in out if t]
 
     @staticmethod
@@ -156,7 +161,9 @@ class ChatTemplate(Template):
         if not text.startswith(done):
             raise TemplateError(
                 f"the chat template is not prefix-stable at message {k}: rendering one more message changed "
-                f"earlier text ({done[-40:]!r} -> {text[len(done) - 40:len(done)]!r}); labels cannot be built per turn")
+                f"earlier text ({done[-40:]!r} -> {text[len(done) - 40 : len(done)]!r}); "
+                "labels cannot be built per turn"
+            )
 
 
 class RoleTokenTemplate(Template):
@@ -208,8 +215,11 @@ def fit(enc: Encoded, max_len: int, num_image_tokens: int, template: Template) -
         return enc
     limit = max_len - grow
     # turn boundaries: positions just after a learned run ends
-    ends = [i + 1 for i in range(len(enc.labels)) if enc.labels[i] != IGNORE and
-            (i + 1 == len(enc.labels) or enc.labels[i + 1] == IGNORE)]
+    ends = [
+        i + 1
+        for i in range(len(enc.labels))
+        if enc.labels[i] != IGNORE and (i + 1 == len(enc.labels) or enc.labels[i + 1] == IGNORE)
+    ]
     ends = [e for e in ends if e <= limit and all(p < e for p in enc.image_positions)]
     if not ends:
         return None

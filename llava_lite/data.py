@@ -4,13 +4,14 @@ Batches are planned, not drawn: :func:`plan_batches` fixes every epoch's batches
 so a resumed run continues with exactly the batch it would have seen, and each process of a
 multi-process run takes its own slice of every global batch.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -25,8 +26,9 @@ class Example:
     image: str | None  # the sample's image file name (None: text-only)
 
 
-def encode_samples(samples: Sequence[dict], template: Template, num_image_tokens: int, max_len: int,
-                   drop_overlong: bool = True) -> tuple[list[Example], Counter]:
+def encode_samples(
+    samples: Sequence[dict], template: Template, num_image_tokens: int, max_len: int, drop_overlong: bool = True
+) -> tuple[list[Example], Counter]:
     """Tokenise every sample (labels per turn), expand its image and fit it to ``max_len``.
 
     Returns the examples and counts: ``kept``, ``cut at a turn boundary``, ``dropped: too long``.
@@ -40,7 +42,9 @@ def encode_samples(samples: Sequence[dict], template: Template, num_image_tokens
         except (TemplateError, KeyError, TypeError) as e:
             raise TemplateError(f"sample {sid}: {e}") from None
         if s.get("image") and len(enc.image_positions) != 1:
-            raise TemplateError(f"sample {sid}: has an image but {len(enc.image_positions)} <image> tokens (expected 1)")
+            raise TemplateError(
+                f"sample {sid}: has an image but {len(enc.image_positions)} <image> tokens (expected 1)"
+            )
         if not s.get("image") and enc.image_positions:
             raise TemplateError(f"sample {sid}: has <image> in its text but no image")
         fitted = fit(enc, max_len, num_image_tokens, template)
@@ -51,7 +55,7 @@ def encode_samples(samples: Sequence[dict], template: Template, num_image_tokens
             continue
         if len(fitted) < len(enc):
             stats["cut at a turn boundary"] += 1
-        if not any(l != IGNORE for l in fitted.labels):
+        if not any(label != IGNORE for label in fitted.labels):
             stats["dropped: nothing to learn"] += 1
             continue
         stats["kept"] += 1
@@ -61,8 +65,15 @@ def encode_samples(samples: Sequence[dict], template: Template, num_image_tokens
     return out, stats
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, epoch: int, seed: int, group_by_length: bool = False,
-                 mega_batches: int = 32, drop_last: bool = True) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    group_by_length: bool = False,
+    mega_batches: int = 32,
+    drop_last: bool = True,
+) -> list[list[int]]:
     """The batches of one epoch, as index lists, fixed by ``seed`` and ``epoch``.
 
     ``group_by_length`` sorts each run of ``mega_batches`` batches by length before cutting it,
@@ -73,8 +84,8 @@ def plan_batches(lengths: Sequence[int], batch_size: int, epoch: int, seed: int,
     rng.shuffle(order)
     if group_by_length:
         span = batch_size * mega_batches
-        order = [i for k in range(0, len(order), span) for i in sorted(order[k:k + span], key=lambda i: -lengths[i])]
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        order = [i for k in range(0, len(order), span) for i in sorted(order[k : k + span], key=lambda i: -lengths[i])]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if group_by_length:
@@ -93,8 +104,13 @@ class Collator:
     """Right-padded ``[B, T]`` ids, labels (-100 on padding), attention mask, and the images'
     features ``[N, P, D]`` (or pixels) for the samples that have one, in batch order."""
 
-    def __init__(self, pad_id: int, features: Callable[[str], torch.Tensor] | None = None,
-                 pixels: Callable[[list[str]], torch.Tensor] | None = None, padding_side: str = "right"):
+    def __init__(
+        self,
+        pad_id: int,
+        features: Callable[[str], torch.Tensor] | None = None,
+        pixels: Callable[[list[str]], torch.Tensor] | None = None,
+        padding_side: str = "right",
+    ):
         self.pad_id, self.features, self.pixels, self.side = pad_id, features, pixels, padding_side
 
     def __call__(self, examples: Sequence[Example]) -> dict:
@@ -109,8 +125,12 @@ class Collator:
             ids[b, sl] = torch.tensor(e.enc.input_ids)
             labels[b, sl] = torch.tensor(e.enc.labels)
             mask[b, sl] = 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                 "sample_ids": [e.enc.sample_id for e in examples]}
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "sample_ids": [e.enc.sample_id for e in examples],
+        }
         images = [e.image for e in examples if e.image]
         if images:
             if self.features is not None:
@@ -118,5 +138,7 @@ class Collator:
             elif self.pixels is not None:
                 batch["pixel_values"] = self.pixels(images)  # [N, 3, H, W]
             else:
-                raise ValueError("the batch has images but the collator has neither a feature cache nor an image loader")
+                raise ValueError(
+                    "the batch has images but the collator has neither a feature cache nor an image loader"
+                )
         return batch

@@ -1,4 +1,5 @@
 """What this machine has, and which preset suits it (notebook 00's first cell)."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -7,8 +8,20 @@ import platform
 
 import torch
 
-PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "peft", "accelerate", "tokenizers",
-            "safetensors", "papermill", "nbval", "ipywidgets", "jupyterlab")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "open_clip_torch",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "papermill",
+    "nbval",
+    "ipywidgets",
+    "jupyterlab",
+)
 
 
 def versions() -> dict[str, str]:
@@ -22,11 +35,19 @@ def versions() -> dict[str, str]:
 
 
 def device_report() -> dict[str, object]:
-    rep: dict[str, object] = {"python": platform.python_version(), "cpu_cores": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    rep: dict[str, object] = {
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        rep |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "gpus": torch.cuda.device_count(),
-                "bf16": torch.cuda.is_bf16_supported()}
+        rep |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpus": torch.cuda.device_count(),
+            "bf16": torch.cuda.is_bf16_supported(),
+        }
     elif torch.backends.mps.is_available():
         rep["mps"] = True
     return rep

@@ -9,13 +9,14 @@ normalising (``'Three.'`` -> ``three``). Accuracy per question type sits beside
 - a *blind* model trained the same way without image tokens (what the text alone gives away),
 - the tiny LM reading the symbolic context as text (the paper's text-only GPT-4 row).
 """
+
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -60,8 +61,16 @@ def blind_samples(samples: Sequence[dict]) -> list[dict]:
     return out
 
 
-def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], features: Callable[[str], torch.Tensor] | None,
-              batch_size: int = 64, blind: bool = False, progress: bool = False) -> list[str]:
+def ask_llava(
+    model,
+    template: Template,
+    tokenizer,
+    items: Sequence[Item],
+    features: Callable[[str], torch.Tensor] | None,
+    batch_size: int = 64,
+    blind: bool = False,
+    progress: bool = False,
+) -> list[str]:
     """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them)."""
     prompts = [question_prompt(model, template, it.question, it.sample_id, image=not blind) for it in items]
 
@@ -71,15 +80,25 @@ def ask_llava(model, template: Template, tokenizer, items: Sequence[Item], featu
         return {"image_features": torch.stack([features(items[i].image) for i in idx])}
 
     with evaluating(model):
-        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop_id(tokenizer),
-                              lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                              extras=extras, returns_prompt=False, progress=progress,
-                              device=next(model.parameters()).device)
+        return greedy_replies(
+            model.generate,
+            prompts,
+            tokenizer.pad_token_id,
+            stop_id(tokenizer),
+            lambda t: tokenizer.decode(t, skip_special_tokens=True),
+            batch_size,
+            extras=extras,
+            returns_prompt=False,
+            progress=progress,
+            device=next(model.parameters()).device,
+        )
 
 
 def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
-    return [asdict(it) | {"reply": r, "normalised": normalise_answer(r), "correct": is_correct(r, it.answer)}
-            for it, r in zip(items, replies)]
+    return [
+        asdict(it) | {"reply": r, "normalised": normalise_answer(r), "correct": is_correct(r, it.answer)}
+        for it, r in zip(items, replies)
+    ]
 
 
 def score(recs: Sequence[dict]) -> dict:
@@ -90,8 +109,12 @@ def score(recs: Sequence[dict]) -> dict:
         per[r["qtype"]].append(r["correct"])
         if "answer" in r:
             answers[r["qtype"]][r["answer"]] += 1
-    out = {"overall": sum(r["correct"] for r in recs) / max(1, len(recs)), "questions": len(recs), "accuracy": {},
-           "count": {}}
+    out = {
+        "overall": sum(r["correct"] for r in recs) / max(1, len(recs)),
+        "questions": len(recs),
+        "accuracy": {},
+        "count": {},
+    }
     if answers:
         out["baseline"] = {}
     for t in QTYPES:
@@ -138,16 +161,21 @@ def mean_loss(model, examples, collate, batch_size: int = 64) -> float:
     total, count = 0.0, 0
     with evaluating(model):
         for s in range(0, len(examples), batch_size):
-            batch = collate(examples[s:s + batch_size])
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        image_features=batch.get("image_features"))
+            batch = collate(examples[s : s + batch_size])
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                image_features=batch.get("image_features"),
+            )
             total += token_loss(out.logits, batch["labels"], reduction="sum").item()
             count += int((batch["labels"][:, 1:] != IGNORE).sum())
     return total / max(1, count)
 
 
 @torch.no_grad()
-def nearest_words(model, tokenizer, image_features: torch.Tensor, k: int = 3, skip_special: bool = True) -> list[list[str]]:
+def nearest_words(
+    model, tokenizer, image_features: torch.Tensor, k: int = 3, skip_special: bool = True
+) -> list[list[str]]:
     """For each projected image token of one image, the ``k`` vocabulary words whose input
     embeddings are closest (cosine): what the language model "reads" in each patch."""
     emb = model.lm.get_input_embeddings().weight.float()  # [V, D]
@@ -159,30 +187,64 @@ def nearest_words(model, tokenizer, image_features: torch.Tensor, k: int = 3, sk
     return [[tokenizer.convert_ids_to_tokens(int(i)).replace("Ġ", "").strip() for i in row] for row in top]
 
 
-def describe(model, template, tokenizer, images: Sequence[str], features: Callable[[str], torch.Tensor],
-             instruction: str = "Describe the image briefly.", max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+def describe(
+    model,
+    template,
+    tokenizer,
+    images: Sequence[str],
+    features: Callable[[str], torch.Tensor],
+    instruction: str = "Describe the image briefly.",
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[str]:
     """What the model says about each image when asked ``instruction`` (greedy)."""
     prompts = [question_prompt(model, template, instruction, name) for name in images]
     stop = stop_id(tokenizer) if template.name == "chat" else tokenizer.eos_token_id
     with evaluating(model):
-        return greedy_replies(model.generate, prompts, tokenizer.pad_token_id, stop,
-                              lambda t: tokenizer.decode(t, skip_special_tokens=True).strip(), batch_size,
-                              max_new_tokens=max_new_tokens,
-                              extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])},
-                              device=next(model.parameters()).device)
+        return greedy_replies(
+            model.generate,
+            prompts,
+            tokenizer.pad_token_id,
+            stop,
+            lambda t: tokenizer.decode(t, skip_special_tokens=True).strip(),
+            batch_size,
+            max_new_tokens=max_new_tokens,
+            extras=lambda idx: {"image_features": torch.stack([features(images[i]) for i in idx])},
+            device=next(model.parameters()).device,
+        )
 
 
-def ask_reader(lm, template: Template, tokenizer, items: Sequence[Item], contexts: dict, batch_size: int = 64,
-               max_new_tokens: int = 4, progress: bool = False) -> list[str]:
+def ask_reader(
+    lm,
+    template: Template,
+    tokenizer,
+    items: Sequence[Item],
+    contexts: dict,
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+    progress: bool = False,
+) -> list[str]:
     """The language model alone, reading each item's symbolic context as text (in the layout it
     was pretrained on, :func:`~llava_lite.scene_text.reading_context`) in the place where LLaVA
     puts the image: the paper's text-only row. ``contexts`` maps an image file name to its
     :class:`~llava_lite.coco.SymbolicContext`."""
     layout = reading_layout(tokenizer)
-    prompts = [template.prompt([{"from": "human", "value": f"{reading_context(contexts[it.image], layout)}\n{it.question}"}],
-                               it.sample_id)
-               for it in items]
+    prompts = [
+        template.prompt(
+            [{"from": "human", "value": f"{reading_context(contexts[it.image], layout)}\n{it.question}"}], it.sample_id
+        )
+        for it in items
+    ]
     with evaluating(lm):
-        return greedy_replies(lm.generate, prompts, tokenizer.pad_token_id, stop_id(tokenizer),
-                              lambda t: tokenizer.decode(t, skip_special_tokens=True), batch_size,
-                              max_new_tokens=max_new_tokens, returns_prompt=True, progress=progress, device=lm.device)
+        return greedy_replies(
+            lm.generate,
+            prompts,
+            tokenizer.pad_token_id,
+            stop_id(tokenizer),
+            lambda t: tokenizer.decode(t, skip_special_tokens=True),
+            batch_size,
+            max_new_tokens=max_new_tokens,
+            returns_prompt=True,
+            progress=progress,
+            device=lm.device,
+        )

@@ -6,10 +6,10 @@ can parse a sentence back and check it against the boxes.
 
 Boxes are ``(x1, y1, x2, y2)`` normalised to 0..1, origin top-left.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-
 from dataclasses import dataclass
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -127,8 +127,13 @@ def region_phrase(o: Obj) -> str:
 
 
 # how a relation reads in a sentence
-RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above",
-                    "below": "below", "next to": "next to"}
+RELATION_PHRASES = {
+    "left of": "to the left of",
+    "right of": "to the right of",
+    "above": "above",
+    "below": "below",
+    "next to": "next to",
+}
 
 
 def left_of(a: Obj, b: Obj) -> bool:

@@ -13,14 +13,15 @@ Every file is written atomically. A shard is planned from the sorted image ids, 
 run finds the shards it finished (their ids are in each shard's metadata) and computes only the
 rest. A corrupt image raises an error naming the file, before its shard is written.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -86,34 +87,50 @@ def _shard_done(path: Path, cache_key: str, ids: list[int], digest: str) -> bool
     except Exception as e:  # a damaged shard is recomputed, not trusted
         log.warning("%s: unreadable shard (%s); recomputing it", path, e)
         return False
-    return (meta.get("cache_key") == cache_key and json.loads(meta.get("image_ids", "[]")) == ids
-            and meta.get("images_sha1") == digest)
+    return (
+        meta.get("cache_key") == cache_key
+        and json.loads(meta.get("image_ids", "[]")) == ids
+        and meta.get("images_sha1") == digest
+    )
 
 
 @torch.no_grad()
-def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Path, out_dir: str | Path,
-            batch_size: int = 64, shard_size: int = 512, progress: bool = True) -> Path:
+def extract(
+    tower: VisionTower,
+    instances_json: str | Path,
+    image_dir: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 64,
+    shard_size: int = 512,
+    progress: bool = True,
+) -> Path:
     """Run ``tower`` over every image of a split and write fp16 shards + ``index.json`` to ``out_dir``.
 
     Finished shards are kept (resume); returns ``out_dir``.
     """
     records = split_images(instances_json)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
-    shards = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
+    shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
     digests = [_images_digest(image_dir, recs) for recs in shards]
-    todo = [k for k, recs in enumerate(shards)
-            if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs], digests[k])]
+    todo = [
+        k
+        for k, recs in enumerate(shards)
+        if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs], digests[k])
+    ]
     if len(todo) < len(shards):
         log.info("%s: %d of %d shards already done", out_dir, len(shards) - len(todo), len(shards))
     tower.eval()
-    bar = tqdm(total=sum(len(shards[k]) for k in todo), desc=f"features {out_dir.name}", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(len(shards[k]) for k in todo), desc=f"features {out_dir.name}", unit="img", disable=not progress
+    )
     for k in todo:
         recs = shards[k]
         parts = []
         for i in range(0, len(recs), batch_size):
-            chunk = recs[i:i + batch_size]
-            parts.append(tower.encode([image_dir / r.file_name for r in chunk], batch_size).to(torch.float16).cpu())  # [b, P, D]
+            chunk = recs[i : i + batch_size]
+            parts.append(
+                tower.encode([image_dir / r.file_name for r in chunk], batch_size).to(torch.float16).cpu()
+            )  # [b, P, D]
             bar.update(len(chunk))
         feats = torch.cat(parts)  # [n, P, D]
         ids = [r.image_id for r in recs]
@@ -122,10 +139,17 @@ def extract(tower: VisionTower, instances_json: str | Path, image_dir: str | Pat
             save_file({"features": feats, "image_ids": torch.tensor(ids, dtype=torch.int64)}, str(tmp), metadata=meta)
     bar.close()
     index = {
-        "format": FORMAT, "cache_key": tower.cache_key, "instances": str(instances_json),
-        "tokens": tower.num_patches, "width": tower.width, "dtype": "float16", "num_images": len(records),
-        "shards": [{"file": _shard_name(k), "image_ids": [r.image_id for r in recs],
-                    "file_names": [r.file_name for r in recs]} for k, recs in enumerate(shards)],
+        "format": FORMAT,
+        "cache_key": tower.cache_key,
+        "instances": str(instances_json),
+        "tokens": tower.num_patches,
+        "width": tower.width,
+        "dtype": "float16",
+        "num_images": len(records),
+        "shards": [
+            {"file": _shard_name(k), "image_ids": [r.image_id for r in recs], "file_names": [r.file_name for r in recs]}
+            for k, recs in enumerate(shards)
+        ],
     }
     if todo or not (out_dir / "index.json").is_file() or io.read_json(out_dir / "index.json") != index:
         io.write_json(out_dir / "index.json", index)

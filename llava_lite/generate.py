@@ -5,10 +5,11 @@ model's own ``generate`` until the token that ends an assistant turn; a reply is
 tokens before it. The same function serves LLaVA (with image features for each batch), the blind
 model and the language model reading the scene as text.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -39,10 +40,19 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was)
 
 
-def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list[int]], pad_id: int, stop_id: int,
-                   decode: Callable[[list[int]], str], batch_size: int = 64, max_new_tokens: int = 4,
-                   extras: Callable[[list[int]], dict] | None = None, returns_prompt: bool = False,
-                   progress: bool = False, device: torch.device | str | None = None) -> list[str]:
+def greedy_replies(
+    generate: Callable[..., torch.Tensor],
+    prompts: Sequence[list[int]],
+    pad_id: int,
+    stop_id: int,
+    decode: Callable[[list[int]], str],
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+    extras: Callable[[list[int]], dict] | None = None,
+    returns_prompt: bool = False,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> list[str]:
     """Replies to ``prompts`` (token id lists), batched by length and left-padded.
 
     ``generate(input_ids=, attention_mask=, max_new_tokens=, **extras(batch_indices))`` is a
@@ -52,19 +62,26 @@ def greedy_replies(generate: Callable[..., torch.Tensor], prompts: Sequence[list
     replies: dict[int, str] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         T = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # [B, T], left padded
         mask = torch.zeros((len(idx), T), dtype=torch.long)
         for b, i in enumerate(idx):
-            ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, T - len(prompts[i]):] = 1
+            ids[b, T - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[b, T - len(prompts[i]) :] = 1
         more = extras(idx) if extras else {}
         if device is not None:
             ids, mask = ids.to(device), mask.to(device)
             more = {k: v.to(device) if torch.is_tensor(v) else v for k, v in more.items()}
-        out = generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=stop_id, pad_token_id=pad_id, **more)
+        out = generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_id,
+            pad_token_id=pad_id,
+            **more,
+        )
         out = out[:, T:] if returns_prompt else out  # [B, new]
         for b, i in enumerate(idx):
             new = out[b].tolist()

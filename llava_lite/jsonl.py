@@ -4,13 +4,15 @@ A long job appends one record a line and flushes it, so a stop loses at most the
 written. :func:`open_for_append` repairs that torn last line (drops it, with a warning) before
 appending, so the next record never fuses with it; :func:`read_jsonl` reads what is there.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 log = logging.getLogger(__name__)
 

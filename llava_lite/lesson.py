@@ -6,16 +6,17 @@ the feature cache of some splits, and a fresh LLaVA over the pretrained language
 is built only when it is missing (the world, the data and the features are kept on disk between
 lessons), so running a notebook after the one before it costs little.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
 from . import coco, stages, world
-from .config import Preset, get_preset
 from .coco import SymbolicContext
+from .config import Preset, get_preset
 from .features import FeatureReader
 from .model import LlavaLite
 from .paths import Layout
@@ -44,8 +45,14 @@ class Lesson:
         return stages.build_llava(self.cfg, lm, tokenizer, self.tower, seed=seed), tokenizer
 
 
-def setup(preset: str = "tiny", splits: dict[str, int] | None = None, instruct_splits: Sequence[str] = (),
-          feature_splits: Sequence[str] = (), tower: bool = False, model: bool = False) -> Lesson:
+def setup(
+    preset: str = "tiny",
+    splits: dict[str, int] | None = None,
+    instruct_splits: Sequence[str] = (),
+    feature_splits: Sequence[str] = (),
+    tower: bool = False,
+    model: bool = False,
+) -> Lesson:
     """Prepare a lesson: the preset (``splits`` overrides its scenes per split), the world on disk,
     the instruction data of ``instruct_splits``, the vision tower (when ``tower``, ``model`` or
     ``feature_splits`` ask for it), the feature cache of ``feature_splits`` and, with ``model``,

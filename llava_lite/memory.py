@@ -1,5 +1,6 @@
 """How much memory will training take? An estimate printed before training starts, beside the
 device's free memory, with the setting to change when it will not fit."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ class Estimate:
 
     def report(self) -> str:
         g = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-        lines = [f"weights {g(self.weights)}, gradients {g(self.gradients)}, optimizer state {g(self.optimizer)}, "
-                 f"activations {g(self.activations)}: total {g(self.total)}; free {g(self.free) if self.free else 'unknown'}"]
+        lines = [
+            f"weights {g(self.weights)}, gradients {g(self.gradients)}, optimizer state {g(self.optimizer)}, "
+            f"activations {g(self.activations)}: total {g(self.total)}; free {g(self.free) if self.free else 'unknown'}"
+        ]
         return lines[0]
 
 
@@ -40,8 +43,14 @@ def free_memory(device: torch.device) -> float | None:
     return float(psutil.virtual_memory().available)
 
 
-def estimate(model, batch_size: int, seq_len: int, precision: str = "fp32", gradient_checkpointing: bool = False,
-             device: torch.device | None = None) -> Estimate:
+def estimate(
+    model,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    device: torch.device | None = None,
+) -> Estimate:
     """Weights at their dtype, gradients of what trains, AdamW's two fp32 moments (plus an fp32
     master copy under mixed precision), and the language model's activations per layer
     (about ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits, after Korthikanti et al., 2022)."""
@@ -75,6 +84,8 @@ def check(model, batch_size: int, seq_len: int, precision: str, gradient_checkpo
         advice.append("train LoRA adapters instead of the full language model (lora=True)")
         if precision == "fp32":
             advice.append("use bf16/fp16 mixed precision")
-        raise MemoryError(f"training needs about {est.total / 2**30:.1f} GiB but {est.free / 2**30:.1f} GiB are free "
-                          f"({est.report()}). Try: " + "; or ".join(advice))
+        raise MemoryError(
+            f"training needs about {est.total / 2**30:.1f} GiB but {est.free / 2**30:.1f} GiB are free "
+            f"({est.report()}). Try: " + "; or ".join(advice)
+        )
     return est

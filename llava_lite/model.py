@@ -5,6 +5,7 @@ A sample's single ``<image>`` placeholder is expanded to one placeholder per pat
 the model sees it (:func:`llava_lite.conversation.expand_image`), so splicing is one
 ``masked_scatter``: the k-th placeholder in the batch receives the k-th projected patch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,13 +73,20 @@ class LlavaLite(nn.Module):
             if pixel_values is None:
                 raise ValueError("the batch has <image> tokens but neither image_features nor pixel_values")
             if self.vision is None:
-                raise ValueError("pixel_values given but this model has no vision tower (it was built for cached features)")
+                raise ValueError(
+                    "pixel_values given but this model has no vision tower (it was built for cached features)"
+                )
             with torch.no_grad():
                 image_features = self.vision(pixel_values)  # [N, 3, H, W] -> [N, P, Dv]
         return image_features
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
-              pixel_values: torch.Tensor | None = None, sample_ids: list[str] | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        sample_ids: list[str] | None = None,
+    ) -> torch.Tensor:
         """Input embeddings with projected image patches in the ``<image>`` slots: ``[B, T, D]``."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # [B, T] -> [B, T, D]
         slots = input_ids == self.image_token_id  # [B, T]
@@ -93,30 +101,42 @@ class LlavaLite(nn.Module):
             raise ValueError(
                 f"image placeholders and image features disagree: the batch has {n_slots} <image> slots "
                 f"(per sample {per_sample}{', ids ' + str(sample_ids) if sample_ids else ''}) but "
-                f"{feats.shape[0]} image(s) x {feats.shape[1]} patch tokens = {n_feats} features")
+                f"{feats.shape[0]} image(s) x {feats.shape[1]} patch tokens = {n_feats} features"
+            )
         proj = self.projector(feats.to(self.projector.linear_1.weight.dtype))  # [N, P, Dv] -> [N, P, D]
         return embeds.masked_scatter(slots.unsqueeze(-1), proj.to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, image_features=None, pixel_values=None,
-                sample_ids=None, **lm_kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        image_features=None,
+        pixel_values=None,
+        sample_ids=None,
+        **lm_kwargs,
+    ):
         embeds = self.embed(input_ids, image_features, pixel_values, sample_ids)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, image_features=None, pixel_values=None,
-                 max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+    def generate(
+        self, input_ids, attention_mask=None, image_features=None, pixel_values=None, max_new_tokens: int = 32, **kwargs
+    ) -> torch.Tensor:
         """Greedy continuation (KV cache on) of left-padded prompts; returns the new tokens ``[B, T_new]``."""
         embeds = self.embed(input_ids, image_features, pixel_values)
         kwargs.setdefault("do_sample", False)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                use_cache=True, **kwargs)
+        return self.lm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, use_cache=True, **kwargs
+        )
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
-               weights: torch.Tensor | None = None) -> torch.Tensor:
+def token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy: position ``t`` predicts ``labels[t + 1]``; labels of -100 are not
     learned. ``reduction``: ``"mean"`` over the learned tokens or ``"sum"``. With ``weights``
     (``[B, T]``, one per target token, 0 = not learned) every token counts, weighted, and the
@@ -131,12 +151,14 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 
 
 # ------------------------------------------------------------------ LoRA
-def apply_lora(model: LlavaLite, r: int = 16, alpha: int = 32, dropout: float = 0.0,
-               target_modules: str | list[str] = "all-linear") -> LlavaLite:
+def apply_lora(
+    model: LlavaLite, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"
+) -> LlavaLite:
     """Wrap the language model's linear layers with LoRA adapters (peft). The projector stays a
     full module that trains and is saved with the adapters, so a checkpoint never loses it."""
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
     model.lm = get_peft_model(model.lm, cfg)
     return model
 

@@ -11,6 +11,7 @@ everything the tutorial generates goes under an ignored outputs folder, one sub-
 
 ``LLAVA_LITE_OUTPUTS`` moves the outputs folder (the tests point it at a temporary directory).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ class Layout:
     root: Path
 
     @classmethod
-    def for_preset(cls, preset: str) -> "Layout":
+    def for_preset(cls, preset: str) -> Layout:
         return cls(outputs_root() / preset)
 
     @property

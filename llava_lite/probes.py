@@ -13,9 +13,10 @@ Patch ``k`` of a ``grid x grid`` tower covers row ``k // grid``, column ``k % gr
 (row-major, the order open_clip emits them). Notebook 02 compares the last and the penultimate
 layer with these probes; the tiny CLIP's card reports them.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,14 @@ def fit_linear(x: torch.Tensor, out_dim: int, loss_fn, l2: float, steps: int) ->
     return w.detach(), b.detach()
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 l2: float = 1e-3, steps: int = 200) -> dict[str, float]:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2: float = 1e-3,
+    steps: int = 200,
+) -> dict[str, float]:
     """Fit a multi-label logistic regression on ``[N, D]`` features and ``[N, K]`` 0/1 labels.
 
     Features are standardised with the training set's statistics. Returns the test accuracy per
@@ -71,13 +78,20 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     with torch.no_grad():
         pred = (xte @ w + b) > 0  # [N, K]
         right = pred == yte.bool()
-        majority = (ytr.mean(0) > 0.5)  # [K]
+        majority = ytr.mean(0) > 0.5  # [K]
         base = (majority.unsqueeze(0) == yte.bool()).float().mean()
-    return {"accuracy": right.float().mean().item(), "all_right": right.all(1).float().mean().item(),
-            "majority": base.item()}
+    return {
+        "accuracy": right.float().mean().item(),
+        "all_right": right.all(1).float().mean().item(),
+        "majority": base.item(),
+    }
 
 
-CLASSES = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "size": ("background", "small", "large")}
+CLASSES = {
+    "colour": ("background", *COLOURS),
+    "shape": ("background", *SHAPES),
+    "size": ("background", "small", "large"),
+}
 FIELD = {"colour": "colour", "shape": "kind", "size": "size"}  # the Obj attribute each class list names
 
 
@@ -99,8 +113,14 @@ def patch_labels(scenes: Sequence[Sequence[Obj]], grid: int, attr: str = "colour
     return out
 
 
-def patch_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                l2: float = 1e-4, steps: int = 100) -> dict[str, float]:
+def patch_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2: float = 1e-4,
+    steps: int = 100,
+) -> dict[str, float]:
     """A softmax linear probe on single patch features ``[N, P, D]`` -> class ``[N, P]``.
 
     Returns accuracy on all test patches, on object patches only (background is the easy
@@ -116,9 +136,11 @@ def patch_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         pred = (xte @ w + b).argmax(-1)
         obj = yte != 0
         majority = torch.bincount(ytr, minlength=k).argmax()
-    return {"accuracy": (pred == yte).float().mean().item(),
-            "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else float("nan"),
-            "majority": (yte == majority).float().mean().item()}
+    return {
+        "accuracy": (pred == yte).float().mean().item(),
+        "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else float("nan"),
+        "majority": (yte == majority).float().mean().item(),
+    }
 
 
 def pca_rgb(features: torch.Tensor) -> torch.Tensor:
@@ -133,8 +155,9 @@ def pca_rgb(features: torch.Tensor) -> torch.Tensor:
     return comp.reshape(grid, grid, 3)
 
 
-def compare_layers(towers: dict, contexts: Sequence, image_dir, attrs: Sequence[str] = ("colour", "shape"),
-                   fit_share: float = 0.75) -> list[dict]:
+def compare_layers(
+    towers: dict, contexts: Sequence, image_dir, attrs: Sequence[str] = ("colour", "shape"), fit_share: float = 0.75
+) -> list[dict]:
     """Per-patch probes for each ``{layer: tower}``: fitted on the first ``fit_share`` of the
     scenes, scored on the rest. One row per (layer, attribute)."""
     cut = int(len(contexts) * fit_share)
@@ -145,13 +168,21 @@ def compare_layers(towers: dict, contexts: Sequence, image_dir, attrs: Sequence[
         for attr in attrs:
             y = {n: patch_labels([c.objects for c in part], tower.grid, attr) for n, part in parts.items()}
             r = patch_probe(x["fit"], y["fit"], x["held"], y["held"])
-            rows.append({"layer": layer, "predicts": attr, "all patches": round(r["accuracy"], 3),
-                         "object patches": round(r["object_patches"], 3), "majority class": round(r["majority"], 3)})
+            rows.append(
+                {
+                    "layer": layer,
+                    "predicts": attr,
+                    "all patches": round(r["accuracy"], 3),
+                    "object patches": round(r["object_patches"], 3),
+                    "majority class": round(r["majority"], 3),
+                }
+            )
     return rows
 
 
-def shape_colour_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
-                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+def shape_colour_probe(
+    tower, images_u8: torch.Tensor, objects: list[list[Obj]], tokens: torch.Tensor | None = None
+) -> dict[str, dict[str, float]]:
     """Linear probes on pooled patch features: which shapes / colours a scene holds.
 
     The first half of the scenes trains the probe, the second half scores it. ``tokens``: the
@@ -163,8 +194,9 @@ def shape_colour_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
     return {k: linear_probe(feats[:h], y[:h], feats[h:], y[h:]) for k, y in labels.items()}
 
 
-def object_patch_probe(tower, images_u8: torch.Tensor, objects: list[list[Obj]],
-                       tokens: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+def object_patch_probe(
+    tower, images_u8: torch.Tensor, objects: list[list[Obj]], tokens: torch.Tensor | None = None
+) -> dict[str, dict[str, float]]:
     """Per-patch probes: does one patch token tell the colour, shape and size of the object under
     it? (What stage 2 needs to pick an object out by one attribute and read off another.) Fitted
     on the first half of the scenes, scored on the object patches of the second half."""

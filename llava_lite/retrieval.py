@@ -16,12 +16,13 @@ that. Each image ranks the texts of its group of ``group`` scenes (1 correct amo
 :func:`measure_clip` gathers these and the feature probes of :mod:`llava_lite.probes` for a saved
 CLIP on freshly drawn held-out scenes; :func:`retrieval_table` is the table notebook 00 shows.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import open_clip
 import torch
@@ -36,8 +37,11 @@ from .probes import object_patch_probe, shape_colour_probe
 from .vision import VisionTower, normalise, to_uint8
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-PROTOCOLS = {"captions": "one world caption per scene", "scenes": "all five captions of each scene",
-             "descriptions": "one description naming every object"}
+PROTOCOLS = {
+    "captions": "one world caption per scene",
+    "scenes": "all five captions of each scene",
+    "descriptions": "one description naming every object",
+}
 
 
 # ---------------------------------------------------------------- texts and scenes
@@ -48,6 +52,7 @@ def object_description(objs: list[Obj], rng: random.Random, colours: bool = True
     such texts can only be matched by an image encoder that sees shapes, which colour alone
     would otherwise let it skip.
     """
+
     def name(o: Obj) -> str:
         base = o.name if colours else o.kind
         return f"{rng.choice(SIZE_WORDS[o.size])} {base}" if rng.random() < 0.5 else base
@@ -61,7 +66,9 @@ def object_description(objs: list[Obj], rng: random.Random, colours: bool = True
     return lead + text + "."
 
 
-def heldout_scenes(world_cfg: WorldConfig, n: int, name: str = "heldout") -> tuple[torch.Tensor, list[list[str]], list[list[Obj]]]:
+def heldout_scenes(
+    world_cfg: WorldConfig, n: int, name: str = "heldout"
+) -> tuple[torch.Tensor, list[list[str]], list[list[Obj]]]:
     """``n`` fresh scenes that appear in none of ``world_cfg``'s splits, rendered in memory.
 
     The world keeps every split disjoint from the ones drawn before it, so a new split named
@@ -106,7 +113,9 @@ def encode_text(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- recall
-def _unit_embeddings(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_embeddings(
+    image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both embeddings as float unit vectors, after checking there is at least one full group."""
     if caption_emb.shape[0] < group:
         raise ValueError(f"retrieval needs at least {group} scenes, got {caption_emb.shape[0]}")
@@ -114,22 +123,24 @@ def _unit_embeddings(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
 
 
 @torch.no_grad()
-def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int = 100,
-                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def retrieval_recall(
+    image_emb: torch.Tensor, caption_emb: torch.Tensor, group: int = 100, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """Image->caption recall@k among ``group`` candidates.
 
     ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``, R captions per scene (rounds).
     Scenes beyond the last full group are left out. Only captions scored strictly higher than the
-    right one count against it: an exact tie means the same text (two scenes captioned alike). Returns ``{"r@1": .., "r@5": .., "n": ..}``.
+    right one count against it: an exact tie means the same text (two scenes captioned alike).
+    Returns ``{"r@1": .., "r@5": .., "n": ..}``.
     """
     img, cap = _unit_embeddings(image_emb, caption_emb, group)
     n, rounds = cap.shape[0], cap.shape[1]
     hits = {k: 0 for k in ks}
     total = 0
     for start in range(0, n - group + 1, group):
-        gi = img[start:start + group]  # [G, D]
+        gi = img[start : start + group]  # [G, D]
         for r in range(rounds):
-            gc = cap[start:start + group, r]  # [G, D]
+            gc = cap[start : start + group, r]  # [G, D]
             sim = gi @ gc.T  # [G, G]: image i vs caption j
             own = sim.diagonal().unsqueeze(1)  # [G, 1]
             rank = (sim > own).sum(dim=1)  # captions scored strictly above the right one
@@ -140,8 +151,13 @@ def retrieval_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, group: 
 
 
 @torch.no_grad()
-def scene_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, texts: Sequence[Sequence[str]],
-                 group: int = 100, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def scene_recall(
+    image_emb: torch.Tensor,
+    caption_emb: torch.Tensor,
+    texts: Sequence[Sequence[str]],
+    group: int = 100,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
     """Image->scene recall@k among ``group`` scenes, each represented by all its captions.
 
     ``image_emb``: ``[N, D]``; ``caption_emb``: ``[N, R, D]``; ``texts``: the ``N x R`` caption
@@ -156,9 +172,9 @@ def scene_recall(image_emb: torch.Tensor, caption_emb: torch.Tensor, texts: Sequ
     hits = {k: 0 for k in ks}
     total = 0
     for start in range(0, n - group + 1, group):
-        gc = cap[start:start + group].reshape(group * rounds, -1)  # [G*R, D]
-        flat = [t for ts in texts[start:start + group] for t in ts]
-        order = (img[start:start + group] @ gc.T).argsort(dim=1, descending=True)[:, :max(ks)]  # [G, K]
+        gc = cap[start : start + group].reshape(group * rounds, -1)  # [G*R, D]
+        flat = [t for ts in texts[start : start + group] for t in ts]
+        order = (img[start : start + group] @ gc.T).argsort(dim=1, descending=True)[:, : max(ks)]  # [G, K]
         for i, top in enumerate(order.tolist()):
             own = set(texts[start + i])
             first = next((r for r, j in enumerate(top) if flat[j] in own), len(top))
@@ -174,8 +190,17 @@ def embed_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Tens
     model.eval()
     dev = next(model.parameters()).device
     pp = open_clip.get_model_preprocess_cfg(model)
-    return torch.cat([model.encode_image(normalise(images_u8[i:i + batch].to(dev), pp["mean"], pp["std"])).cpu()
-                      for i in range(0, len(images_u8), batch)])
+    if "mean" not in pp or "std" not in pp:
+        raise ValueError(
+            "this CLIP carries no preprocessing (mean/std): load it with open_clip from a folder or "
+            "name, or set it with open_clip.set_model_preprocess_cfg"
+        )
+    return torch.cat(
+        [
+            model.encode_image(normalise(images_u8[i : i + batch].to(dev), pp["mean"], pp["std"])).cpu()
+            for i in range(0, len(images_u8), batch)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -185,11 +210,12 @@ def embed_texts(model, tokenize_fn, texts: list[str], batch: int = 500) -> torch
     model.eval()
     dev = next(model.parameters()).device
     ids = tokenize_fn(texts)  # [N, L]
-    return torch.cat([encode_text(model, ids[i:i + batch].to(dev)).cpu() for i in range(0, len(ids), batch)])
+    return torch.cat([encode_text(model, ids[i : i + batch].to(dev)).cpu() for i in range(0, len(ids), batch)])
 
 
-def clip_retrieval(model, tokenize_fn, images_u8: torch.Tensor, captions: list[list[str]],
-                   group: int = 100, batch: int = 500) -> dict[str, float]:
+def clip_retrieval(
+    model, tokenize_fn, images_u8: torch.Tensor, captions: list[list[str]], group: int = 100, batch: int = 500
+) -> dict[str, float]:
     """Image->caption recall@1/@5 of a CLIP, 1 in ``group`` candidates, averaged over the 5 caption rounds.
 
     ``tokenize_fn``: texts -> ``[N, L]`` ids (open_clip's tokenizer object is such a callable).
@@ -200,8 +226,9 @@ def clip_retrieval(model, tokenize_fn, images_u8: torch.Tensor, captions: list[l
     return retrieval_recall(img, txt.view(len(captions), rounds, -1), group=group)
 
 
-def retrieval_report(model, tokenize_fn, images_u8: torch.Tensor, captions: list[list[str]],
-                     descriptions: list[str], group: int = 100) -> dict[str, dict[str, float]]:
+def retrieval_report(
+    model, tokenize_fn, images_u8: torch.Tensor, captions: list[list[str]], descriptions: list[str], group: int = 100
+) -> dict[str, dict[str, float]]:
     """Image->text retrieval among ``group`` held-out scenes, three ways (each ``{"r@1", "r@5", "n"}``):
 
     - ``captions``: each of a scene's world captions in turn against the same-numbered caption
@@ -218,9 +245,11 @@ def retrieval_report(model, tokenize_fn, images_u8: torch.Tensor, captions: list
     img = embed_images(model, images_u8)
     cap = embed_texts(model, tokenize_fn, [t for ts in texts for t in ts]).view(len(texts), rounds, -1)
     desc = embed_texts(model, tokenize_fn, descriptions).unsqueeze(1)  # [N, 1, D]
-    return {"captions": retrieval_recall(img, cap, group=group),
-            "scenes": scene_recall(img, cap, texts, group=group),
-            "descriptions": retrieval_recall(img, desc, group=group)}
+    return {
+        "captions": retrieval_recall(img, cap, group=group),
+        "scenes": scene_recall(img, cap, texts, group=group),
+        "descriptions": retrieval_recall(img, desc, group=group),
+    }
 
 
 def true_captions(objs: list[Obj], draws: int = 300) -> set[str]:
@@ -232,8 +261,9 @@ def true_captions(objs: list[Obj], draws: int = 300) -> set[str]:
     return out
 
 
-def shared_caption(objects: list[list[Obj]], captions: list[list[str]], i: int = 0,
-                   draws: int = 100) -> tuple[int, int] | None:
+def shared_caption(
+    objects: list[list[Obj]], captions: list[list[str]], i: int = 0, draws: int = 100
+) -> tuple[int, int] | None:
     """``(r, j)``: the first caption ``r`` of scene ``i`` (in caption order) that is also true of
     another scene ``j`` of ``objects`` (by :func:`true_captions`), or ``None``."""
     true: dict[int, set[str]] = {}
@@ -248,8 +278,9 @@ def shared_caption(objects: list[list[Obj]], captions: list[list[str]], i: int =
     return None
 
 
-def caption_truth_oracle(objects: list[list[Obj]], captions: list[list[str]], group: int = 100,
-                         draws: int = 300) -> dict[str, float]:
+def caption_truth_oracle(
+    objects: list[list[Obj]], captions: list[list[str]], group: int = 100, draws: int = 300
+) -> dict[str, float]:
     """What the ``captions`` protocol of :func:`retrieval_report` gives a reader that knows
     exactly which captions are true of an image and picks at random among them.
 
@@ -279,8 +310,13 @@ def measure_clip(folder: Path, world_cfg: WorldConfig, n: int = 1000, name: str 
     images, caps, objs = heldout_scenes(world_cfg, n, name)
     model, tokenizer = load_clip(folder)
     report = retrieval_report(model, tokenizer, images, caps, heldout_descriptions(objs, name))
-    out = {"heldout_scenes": n, "retrieval": report["captions"], "retrieval_scenes": report["scenes"],
-           "retrieval_descriptions": report["descriptions"], "caption_truth_oracle": caption_truth_oracle(objs, caps)}
+    out = {
+        "heldout_scenes": n,
+        "retrieval": report["captions"],
+        "retrieval_scenes": report["scenes"],
+        "retrieval_descriptions": report["descriptions"],
+        "caption_truth_oracle": caption_truth_oracle(objs, caps),
+    }
     for layer in (-2, -1):
         tower = VisionTower.load(str(folder), layer=layer)
         tokens = tower.encode(images)  # [N, P, D]
@@ -290,16 +326,30 @@ def measure_clip(folder: Path, world_cfg: WorldConfig, n: int = 1000, name: str 
     return out
 
 
-def retrieval_table(model, tokenize_fn, images_u8: torch.Tensor, captions: list[list[str]], objects: list[list[Obj]],
-                    name: str = "heldout", truth_draws: int = 100) -> list[dict]:
+def retrieval_table(
+    model,
+    tokenize_fn,
+    images_u8: torch.Tensor,
+    captions: list[list[str]],
+    objects: list[list[Obj]],
+    name: str = "heldout",
+    truth_draws: int = 100,
+) -> list[dict]:
     """One row per protocol of :func:`retrieval_report` (recall@1 and @5, 1 of 100 scenes), then the
     truth reader's row for the ``captions`` protocol (its first group of 100 scenes) and chance."""
     report = retrieval_report(model, tokenize_fn, images_u8, captions, heldout_descriptions(objects, name))
-    rows = [{"texts ranked": label, "recall@1": round(report[k]["r@1"], 3), "recall@5": round(report[k]["r@5"], 3)}
-            for k, label in PROTOCOLS.items()]
+    rows = [
+        {"texts ranked": label, "recall@1": round(report[k]["r@1"], 3), "recall@5": round(report[k]["r@5"], 3)}
+        for k, label in PROTOCOLS.items()
+    ]
     truth = caption_truth_oracle(objects[:100], captions[:100], draws=truth_draws)
-    rows.append({"texts ranked": f"{PROTOCOLS['captions']}, a reader that knows which captions are true "
-                 f"({truth['no_true_rival']:.0%} of its queries have no true rival)",
-                 "recall@1": round(truth["r@1"], 3), "recall@5": None})
+    rows.append(
+        {
+            "texts ranked": f"{PROTOCOLS['captions']}, a reader that knows which captions are true "
+            f"({truth['no_true_rival']:.0%} of its queries have no true rival)",
+            "recall@1": round(truth["r@1"], 3),
+            "recall@5": None,
+        }
+    )
     rows.append({"texts ranked": "chance", "recall@1": 0.01, "recall@5": 0.05})
     return rows

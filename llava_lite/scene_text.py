@@ -26,6 +26,7 @@ LM reading the scene in the layout it was pretrained on, in the very place where
 A tokenizer records the layout its model learned (``reading_layout`` in its
 ``tokenizer_config.json``), so every reader writes contexts the way the model learned them.
 """
+
 from __future__ import annotations
 
 import random

@@ -9,6 +9,7 @@
     prepare_stage2                   the stage-1 projector in place, LoRA adapters when asked
     load_stage                       a trained stage back from its checkpoint
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,9 +27,9 @@ from . import io
 from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
+from .evaluate import ask_llava, blind_samples, exact_items, records, save, score
 from .model import LlavaLite, add_image_token, apply_lora
 from .paths import PRETRAINED_DIR, Layout
-from .evaluate import ask_llava, blind_samples, exact_items, records, save, score
 from .train import latest_checkpoint, load_trained, make_accelerator, train
 from .vision import VisionTower
 
@@ -67,11 +68,14 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     cards without bf16), prepared for k-bit training (norms in fp32, input gradients on)."""
     why_not = qlora_available()
     if why_not:
-        raise RuntimeError(f"language.load_in_4bit (QLoRA) for {cfg.name}: {why_not}. Set load_in_4bit=False and "
-                           "use LoRA (model.lora=True) on full-precision weights instead.")
+        raise RuntimeError(
+            f"language.load_in_4bit (QLoRA) for {cfg.name}: {why_not}. Set load_in_4bit=False and "
+            "use LoRA (model.lora=True) on full-precision weights instead."
+        )
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
     lm = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, dtype=compute, device_map={"": 0})
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
@@ -85,9 +89,15 @@ def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, 
     """A fresh LLaVA over ``lm`` and ``tower``'s features; its untrained projector is drawn from
     ``seed`` (default: the stage-1 seed), so the same preset always starts from the same weights."""
     image_id = add_image_token(tokenizer, lm)
-    cfg = LlavaConfig(vision_key=tower.cache_key, vision_dim=tower.width, num_image_tokens=tower.num_patches,
-                      lm_name=preset.language.name, lm_dim=lm.config.hidden_size,
-                      projector_type=preset.model.projector_type, image_token_id=image_id)
+    cfg = LlavaConfig(
+        vision_key=tower.cache_key,
+        vision_dim=tower.width,
+        num_image_tokens=tower.num_patches,
+        lm_name=preset.language.name,
+        lm_dim=lm.config.hidden_size,
+        projector_type=preset.model.projector_type,
+        image_token_id=image_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.stage1.seed if seed is None else seed)
         return LlavaLite(cfg, lm, vision=tower if with_tower else None)
@@ -96,8 +106,10 @@ def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, 
 def split_features(layout: Layout, split: str, tower: VisionTower, progress: bool = True) -> fc.FeatureReader:
     """The feature cache of ``split`` for ``tower`` (extracted first when missing or unfinished)."""
     if not layout.instances(split).exists():
-        raise FileNotFoundError(f"{layout.instances(split)}: no {split} split yet "
-                                f"(run notebook 00 or `llava-lite world --preset {layout.root.name}`)")
+        raise FileNotFoundError(
+            f"{layout.instances(split)}: no {split} split yet "
+            f"(run notebook 00 or `llava-lite world --preset {layout.root.name}`)"
+        )
     folder = fc.cache_folder(layout.features, tower, split)
     fc.extract(tower, layout.instances(split), layout.images(split), folder, progress=progress)
     return fc.FeatureReader(folder, expect_key=tower.cache_key)
@@ -121,8 +133,19 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
     return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
 
 
-def run_stage(preset: Preset, model: LlavaLite, tokenizer, feats, stage: int, samples: list[dict], out: Path,
-              resume: bool = False, progress: bool = True, accelerator=None, **overrides) -> dict:
+def run_stage(
+    preset: Preset,
+    model: LlavaLite,
+    tokenizer,
+    feats,
+    stage: int,
+    samples: list[dict],
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    accelerator=None,
+    **overrides,
+) -> dict:
     """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
     cfg = replace(preset.stage1 if stage == 1 else preset.stage2, **overrides)
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
@@ -133,8 +156,9 @@ def run_stage(preset: Preset, model: LlavaLite, tokenizer, feats, stage: int, sa
     return summary
 
 
-def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None, lora: bool | None = None,
-                   seed: int | None = None) -> LlavaLite:
+def prepare_stage2(
+    preset: Preset, model: LlavaLite, stage1_checkpoint: Path | None, lora: bool | None = None, seed: int | None = None
+) -> LlavaLite:
     """Load the stage-1 projector (checked against this model) and add LoRA adapters when
     ``lora`` (default: the preset's choice) says so, drawn from ``seed`` when one is given."""
     if stage1_checkpoint is not None:
@@ -142,8 +166,10 @@ def prepare_stage2(preset: Preset, model: LlavaLite, stage1_checkpoint: Path | N
         load_trained(model, stage1_checkpoint)
     use_lora = preset.model.lora if lora is None else lora
     if getattr(model.lm, "is_loaded_in_4bit", False) and not use_lora:
-        raise ValueError("the language model was loaded in 4 bits (language.load_in_4bit): its weights cannot be "
-                         "fine-tuned in full; turn on model.lora (QLoRA trains adapters over the 4-bit base)")
+        raise ValueError(
+            "the language model was loaded in 4 bits (language.load_in_4bit): its weights cannot be "
+            "fine-tuned in full; turn on model.lora (QLoRA trains adapters over the 4-bit base)"
+        )
     if use_lora:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
@@ -167,8 +193,17 @@ def load_stage(preset: Preset, checkpoint: Path, tower=None):
     return model, tokenizer
 
 
-def train_stage(preset_name: str, stage: int, out: Path | None = None, stage1: Path | None = None, resume: bool = False,
-                blind: bool = False, lora: bool | None = None, seed: int | None = None, **overrides) -> dict:
+def train_stage(
+    preset_name: str,
+    stage: int,
+    out: Path | None = None,
+    stage1: Path | None = None,
+    resume: bool = False,
+    blind: bool = False,
+    lora: bool | None = None,
+    seed: int | None = None,
+    **overrides,
+) -> dict:
     """What ``llava-lite train`` runs: stage 1 or 2 of a preset on its ``train`` split, in one process
     or as one of several (``torchrun``, ``accelerate launch``); ``overrides`` replace the stage's
     settings (``max_steps``, ``lr``, ``lm_lr``, ``batch_size``)."""
@@ -185,7 +220,9 @@ def train_stage(preset_name: str, stage: int, out: Path | None = None, stage1: P
     if stage == 2:
         ckpt = stage1 or latest_checkpoint(run_dir(layout, 1))
         if ckpt is None and not blind:
-            raise FileNotFoundError(f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first")
+            raise FileNotFoundError(
+                f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first"
+            )
         prepare_stage2(preset, model, None if blind else ckpt, lora, seed)
         samples = blind_samples(samples) if blind else samples
     if seed is not None:
@@ -193,8 +230,9 @@ def train_stage(preset_name: str, stage: int, out: Path | None = None, stage1: P
     return run_stage(preset, model, tokenizer, feats, stage, samples, out, resume=resume, accelerator=acc, **overrides)
 
 
-def evaluate_checkpoint(preset_name: str, checkpoint: Path | None = None, split: str = "test",
-                        out: Path | None = None) -> dict:
+def evaluate_checkpoint(
+    preset_name: str, checkpoint: Path | None = None, split: str = "test", out: Path | None = None
+) -> dict:
     """What ``llava-lite evaluate`` runs: the exact-answer score of a trained model on ``split``,
     its per-question records written beside the checkpoint (or to ``out``)."""
     preset = get_preset(preset_name)
@@ -206,7 +244,9 @@ def evaluate_checkpoint(preset_name: str, checkpoint: Path | None = None, split:
     model, tokenizer = load_stage(preset, ckpt, tower)
     items = exact_items(io.read_json(layout.instruct / f"{split}.json"))
     template = get_template(preset.model.stage2_template, tokenizer)
-    recs = records(items, ask_llava(model, template, tokenizer, items, split_features(layout, split, tower), progress=True))
+    recs = records(
+        items, ask_llava(model, template, tokenizer, items, split_features(layout, split, tower), progress=True)
+    )
     summary = score(recs)
     save(out or Path(ckpt) / f"exact_{split}.json", recs, summary)
     return summary

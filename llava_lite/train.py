@@ -10,17 +10,18 @@ micro-batches, all processes): each process sums its tokens' losses and divides 
 count, which it can compute locally from the batch plan. So 2 processes and 1 process with the
 same global batch take the same step.
 """
+
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 import math
 import random
 import shutil
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +49,11 @@ def set_trainable(model: LlavaLite, stage: int) -> list[tuple[str, list[torch.nn
     model.projector.requires_grad_(True)
     groups = [("projector", list(model.projector.parameters()))]
     if stage == 2:
-        lm_params = [p for n, p in model.lm.named_parameters() if "lora_" in n] if _is_peft(model.lm) else list(model.lm.parameters())
+        lm_params = (
+            [p for n, p in model.lm.named_parameters() if "lora_" in n]
+            if _is_peft(model.lm)
+            else list(model.lm.parameters())
+        )
         for p in lm_params:
             p.requires_grad_(True)
         groups.append(("lm", lm_params))
@@ -122,8 +127,10 @@ def save_checkpoint(out_dir: Path, step: int, model: LlavaLite, optimizer, cfg: 
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     model.config.save(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "train_config": asdict(cfg)},
-               tmp / "train_state.pt")
+    torch.save(
+        {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "train_config": asdict(cfg)},
+        tmp / "train_state.pt",
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     io.write_json(out_dir / "latest.json", {"step": step, "path": final.name})
@@ -155,9 +162,13 @@ def load_trained(model: LlavaLite, ckpt: Path) -> None:
 
 # ------------------------------------------------------------------ the loop
 def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                image_features=batch.get("image_features"), pixel_values=batch.get("pixel_values"),
-                sample_ids=batch["sample_ids"])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        image_features=batch.get("image_features"),
+        pixel_values=batch.get("pixel_values"),
+        sample_ids=batch["sample_ids"],
+    )
     return token_loss(out.logits, batch["labels"], reduction="sum"), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
@@ -174,8 +185,16 @@ def _resume(out_dir: Path, model: LlavaLite, optimizer, total: int) -> int:
     return state["step"]
 
 
-def _accumulate(model, accelerator, collator: Collator, examples: Sequence[Example], micro: list[list[int]],
-                n_tokens: int, step: int, out_dir: Path) -> torch.Tensor:
+def _accumulate(
+    model,
+    accelerator,
+    collator: Collator,
+    examples: Sequence[Example],
+    micro: list[list[int]],
+    n_tokens: int,
+    step: int,
+    out_dir: Path,
+) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step (this process's share of
     each); returns the summed token loss. The loss is divided by the global batch's learned tokens."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -190,14 +209,23 @@ def _accumulate(model, accelerator, collator: Collator, examples: Sequence[Examp
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"step {step}: loss is {loss.item()} on samples {batch['sample_ids']}; the last good checkpoint "
-                f"is {latest_checkpoint(out_dir)} (lower the learning rate or check these samples)")
+                f"is {latest_checkpoint(out_dir)} (lower the learning rate or check these samples)"
+            )
         accelerator.backward(loss)
         step_loss += loss_sum.detach()
     return step_loss
 
 
-def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg: TrainConfig, out_dir: str | Path,
-          resume: bool = False, accelerator=None, progress: bool = True) -> dict:
+def train(
+    model: LlavaLite,
+    examples: Sequence[Example],
+    collator: Collator,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    accelerator=None,
+    progress: bool = True,
+) -> dict:
     """Train ``model`` on ``examples``; returns a summary (steps, last loss, seconds, padding share)."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
@@ -205,17 +233,28 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
     accelerator = accelerator or make_accelerator(cfg.precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}")
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}"
+        )
 
     groups = set_trainable(model, cfg.stage)
     if cfg.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    est = memory.check(model, cfg.batch_size // (world * cfg.grad_accum), max(len(e.enc) for e in examples), precision,
-                       cfg.gradient_checkpointing, accelerator.device)
+    est = memory.check(
+        model,
+        cfg.batch_size // (world * cfg.grad_accum),
+        max(len(e.enc) for e in examples),
+        precision,
+        cfg.gradient_checkpointing,
+        accelerator.device,
+    )
     lrs = {"projector": cfg.lr, "lm": cfg.lm_lr or cfg.lr}
-    optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.999),
+    )
     lengths = [len(e.enc) for e in examples]
     label_counts = [sum(label != IGNORE for label in e.enc.labels[1:]) for e in examples]
     per_epoch = len(plan_batches(lengths, cfg.batch_size, 0, cfg.seed))
@@ -234,7 +273,9 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         if not resume and metrics_path.exists():
             metrics_path.unlink()
     plans: dict[int, list[list[int]]] = {}
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=not progress or rank != 0)
+    bar = tqdm(
+        range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=not progress or rank != 0
+    )
     t0, seen, last = time.perf_counter(), 0, {}
     pad_batches: list[list[int]] = []
     model.train()
@@ -247,7 +288,7 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         n_tokens = sum(label_counts[i] for i in global_batch)
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step, total, warmup)
-        micro = [global_batch[m::cfg.grad_accum] for m in range(cfg.grad_accum)]
+        micro = [global_batch[m :: cfg.grad_accum] for m in range(cfg.grad_accum)]
         step_loss = _accumulate(model, accelerator, collator, examples, micro, n_tokens, step, out_dir)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -258,8 +299,13 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         done = step + 1
         if done % cfg.log_every == 0 or done == total or done == start + 1:
             dt = time.perf_counter() - t0
-            last = {"step": done, "loss": round(step_loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": round(seen / dt, 2), "seconds": round(dt, 2)}
+            last = {
+                "step": done,
+                "loss": round(step_loss.item(), 5),
+                "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_s": round(seen / dt, 2),
+                "seconds": round(dt, 2),
+            }
             bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
             if accelerator.is_main_process:
                 with jsonl.open_for_append(metrics_path) as f:
@@ -267,10 +313,17 @@ def train(model: LlavaLite, examples: Sequence[Example], collator: Collator, cfg
         if accelerator.is_main_process and ((cfg.save_every and done % cfg.save_every == 0) or done == total):
             save_checkpoint(out_dir, done, raw, optimizer, cfg, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
-    summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2),
-               "last": last, "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
-               "trainable_parameters": raw.trainable_parameters(), "processes": world, "precision": precision,
-               "memory_estimate_gib": round(est.total / 2**30, 3)}
+    summary = {
+        "steps": total,
+        "started_at": start,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "last": last,
+        "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
+        "trainable_parameters": raw.trainable_parameters(),
+        "processes": world,
+        "precision": precision,
+        "memory_estimate_gib": round(est.total / 2**30, 3),
+    }
     if accelerator.is_main_process:
         io.write_json(out_dir / "summary.json", summary, indent=2)
     return summary

@@ -4,6 +4,7 @@
 suite calls :func:`run_notebook` with each notebook's own smoke parameters, which a notebook keeps
 in its metadata (``metadata.llava_lite.smoke_parameters``), so a new notebook needs no new test.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,15 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict | None = None, prog
     """Execute one notebook into ``out_dir`` (same file name); returns the executed copy's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / Path(path).name
-    pm.execute_notebook(str(path), str(out), parameters=parameters or {}, kernel_name=KERNEL,
-                        cwd=str(Path(path).parent), progress_bar=progress, log_output=False)
+    pm.execute_notebook(
+        str(path),
+        str(out),
+        parameters=parameters or {},
+        kernel_name=KERNEL,
+        cwd=str(Path(path).parent),
+        progress_bar=progress,
+        log_output=False,
+    )
     return out
 
 

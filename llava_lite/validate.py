@@ -14,6 +14,7 @@ Lines (one sample a line, what the teachers append to) and checks every sample:
 Each problem names the sample (its position and id) and the turn; a summary ends the report
 and the exit code is 1 when there is any problem. Extra keys (``type``, ...) are allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ def load_samples(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]
 
 def _image_problems(turns: list, has_image: bool) -> list[tuple[int | None, str, str]]:
     found = []
-    counts = [t["value"].count(IMAGE_TOKEN) if isinstance(t, dict) and isinstance(t.get("value"), str) else 0
-              for t in turns]
+    counts = [
+        t["value"].count(IMAGE_TOKEN) if isinstance(t, dict) and isinstance(t.get("value"), str) else 0 for t in turns
+    ]
     if not has_image:
         return [(i, "image-token", f"{IMAGE_TOKEN} in a sample without an image") for i, n in enumerate(counts) if n]
     for i, n in enumerate(counts[1:], 1):
@@ -106,8 +108,13 @@ def _image_problems(turns: list, has_image: bool) -> list[tuple[int | None, str,
         lines = [line.strip() for line in turns[0]["value"].strip().split("\n")]
         if lines[0] != IMAGE_TOKEN and lines[-1] != IMAGE_TOKEN:
             line = next(line for line in lines if IMAGE_TOKEN in line)
-            found.append((0, "image-token", f"{IMAGE_TOKEN} should be the whole first or last line of the turn, "
-                                            f"found the line {line[:60]!r}"))
+            found.append(
+                (
+                    0,
+                    "image-token",
+                    f"{IMAGE_TOKEN} should be the whole first or last line of the turn, found the line {line[:60]!r}",
+                )
+            )
     return found
 
 

@@ -15,6 +15,7 @@ The tower owns its preprocessing: any size, aspect ratio or mode (grayscale, RGB
 edge is cropped away), resized to the encoder's input size and normalised. A file that cannot be
 read raises :class:`ImageReadError` naming it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import open_clip
@@ -89,7 +90,9 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
 
 
-def normalise(images_u8: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]) -> torch.Tensor:
+def normalise(
+    images_u8: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]
+) -> torch.Tensor:
     """uint8 pixels ``[..., 3, H, W]`` -> floats in 0..1, less the encoder's mean, over its std:
     the one route from pixels to what a CLIP image encoder reads."""
     mean = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(3, 1, 1)
@@ -124,8 +127,17 @@ class VisionTower(nn.Module):
     (still before ``ln_post``). ``keep_cls=True`` keeps the CLS token in front.
     """
 
-    def __init__(self, visual: nn.Module, *, name: str, weights_id: str, layer: int = -2, keep_cls: bool = False,
-                 mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        visual: nn.Module,
+        *,
+        name: str,
+        weights_id: str,
+        layer: int = -2,
+        keep_cls: bool = False,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         super().__init__()
         if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
             raise ValueError(f"{name}: only open_clip ViT towers are supported (found {type(visual).__name__})")
@@ -150,8 +162,15 @@ class VisionTower(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, name: str, pretrained: str | None = None, *, layer: int = -2, keep_cls: bool = False,
-             device: str | torch.device = "cpu") -> "VisionTower":
+    def load(
+        cls,
+        name: str,
+        pretrained: str | None = None,
+        *,
+        layer: int = -2,
+        keep_cls: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> VisionTower:
         """An open_clip model by name + pretrained tag, or a local folder (``open_clip_config.json``)."""
         folder = SHIPPED.get(name, Path(name))
         if name in SHIPPED and not folder.is_dir():
@@ -166,18 +185,33 @@ class VisionTower(nn.Module):
             weights_id = pretrained or "random-init"
             label = name
         pp = open_clip.get_model_preprocess_cfg(model)
-        return cls(model.visual, name=label, weights_id=weights_id, layer=layer, keep_cls=keep_cls,
-                   mean=pp["mean"], std=pp["std"]).to(device)
+        return cls(
+            model.visual,
+            name=label,
+            weights_id=weights_id,
+            layer=layer,
+            keep_cls=keep_cls,
+            mean=pp["mean"],
+            std=pp["std"],
+        ).to(device)
 
     @classmethod
-    def from_config(cls, model_cfg: dict, *, seed: int = 0, layer: int = -2, keep_cls: bool = False,
-                    name: str = "config") -> "VisionTower":
+    def from_config(
+        cls, model_cfg: dict, *, seed: int = 0, layer: int = -2, keep_cls: bool = False, name: str = "config"
+    ) -> VisionTower:
         """A tower with random weights from an open_clip ``model_cfg`` dict (offline tests, exercises)."""
         torch.manual_seed(seed)
         visual = open_clip.CLIP(**model_cfg).visual
         digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
-        return cls(visual, name=name, weights_id=f"random-{digest}-seed{seed}", layer=layer, keep_cls=keep_cls,
-                   mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+        return cls(
+            visual,
+            name=name,
+            weights_id=f"random-{digest}-seed{seed}",
+            layer=layer,
+            keep_cls=keep_cls,
+            mean=OPENAI_DATASET_MEAN,
+            std=OPENAI_DATASET_STD,
+        )
 
     # ------------------------------------------------------------------ identity
     @property
@@ -208,8 +242,12 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` pixels -> ``[B, num_patches, width]`` hidden states of the chosen layer."""
         out = self.visual.forward_intermediates(
-            pixels.to(self.visual.conv1.weight.dtype), indices=[self.block_index], stop_early=True, intermediates_only=True,
-            output_fmt="NLC", output_extra_tokens=self.keep_cls,
+            pixels.to(self.visual.conv1.weight.dtype),
+            indices=[self.block_index],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=self.keep_cls,
         )
         tokens = out["image_intermediates"][0]  # [B, grid*grid, width] (CLS already split off)
         if self.keep_cls:
@@ -218,16 +256,24 @@ class VisionTower(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image | str | os.PathLike] | torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    def encode(
+        self, images: Sequence[Image.Image | str | os.PathLike] | torch.Tensor, batch_size: int = 250
+    ) -> torch.Tensor:
         """Images, paths, or a ``[N, 3, S, S]`` uint8 tensor -> ``[N, num_patches, width]`` features,
         without gradients, ``batch_size`` images at a time."""
         parts = []
         for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
-            pixels = normalise(chunk.to(self.mean.device), self.mean, self.std) if torch.is_tensor(chunk) else self.pixels(chunk)
+            chunk = images[i : i + batch_size]
+            pixels = (
+                normalise(chunk.to(self.mean.device), self.mean, self.std)
+                if torch.is_tensor(chunk)
+                else self.pixels(chunk)
+            )
             parts.append(self(pixels))  # [b, P, D]
         return torch.cat(parts)
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, weights={self.weights_id!r}, layer={self.layer}, keep_cls={self.keep_cls}, "
-                f"image_size={self.image_size}, patch={self.patch_size}, tokens={self.num_patches}, width={self.width}")
+        return (
+            f"name={self.name!r}, weights={self.weights_id!r}, layer={self.layer}, keep_cls={self.keep_cls}, "
+            f"image_size={self.image_size}, patch={self.patch_size}, tokens={self.num_patches}, width={self.width}"
+        )

@@ -1,11 +1,12 @@
 """Pictures for the notebooks: scenes with their boxes and captions, curves, tables."""
+
 from __future__ import annotations
 
 import collections
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib.patches as mpatches
 import matplotlib.pyplot as plt
@@ -16,13 +17,16 @@ from .coco import SymbolicContext
 BOX_COLOUR = "black"
 
 
-def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncols: int = 4,
-                captions: int = 1, scale: float = 3.0):
+def show_scenes(
+    contexts: Sequence[SymbolicContext], image_dir: str | Path, ncols: int = 4, captions: int = 1, scale: float = 3.0
+):
     """A grid of scenes with every box and category drawn on, and their first captions below."""
 
     n = len(contexts)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.45 * captions + 0.3)), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.45 * captions + 0.3)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, ctx in zip(axes.flat, contexts):
@@ -39,8 +43,13 @@ def show_scenes(contexts: Sequence[SymbolicContext], image_dir: str | Path, ncol
     return fig
 
 
-def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str = "step",
-                ylabel: str = "loss", title: str = "", logy: bool = False):
+def plot_curves(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    title: str = "",
+    logy: bool = False,
+):
     """Several ``name -> (x, y)`` curves on one axis."""
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -80,7 +89,6 @@ def sample_markdown(sample: dict) -> str:
 def instruction_stats(samples: Sequence[dict]):
     """Four panels: samples per type, turns per conversation, answer lengths, question words."""
 
-
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
     types = collections.Counter(s.get("type", "?") for s in samples)
     ax[0].bar(list(types), list(types.values()))
@@ -90,14 +98,22 @@ def instruction_stats(samples: Sequence[dict]):
     ax[1].hist(turns, bins=range(1, max(turns or [1]) + 2), align="left", rwidth=0.8)
     ax[1].set(title="turns per conversation", xlabel="question/answer pairs")
     for kind in types:
-        lengths = [len(t["value"].split()) for s in samples if s.get("type") == kind
-                   for t in s["conversations"] if t["from"] == "gpt"]
+        lengths = [
+            len(t["value"].split())
+            for s in samples
+            if s.get("type") == kind
+            for t in s["conversations"]
+            if t["from"] == "gpt"
+        ]
         ax[2].hist(lengths, bins=30, alpha=0.5, label=kind)
     ax[2].set(title="answer length", xlabel="words", yscale="log")
     ax[2].legend(fontsize=7)
     first = collections.Counter(
-        t["value"].replace("<image>", "").split()[0].lower() for s in samples for t in s["conversations"]
-        if t["from"] == "human" and t["value"].replace("<image>", "").split())
+        t["value"].replace("<image>", "").split()[0].lower()
+        for s in samples
+        for t in s["conversations"]
+        if t["from"] == "human" and t["value"].replace("<image>", "").split()
+    )
     top = first.most_common(12)
     ax[3].barh([w for w, _ in top][::-1], [n for _, n in top][::-1])
     ax[3].set(title="first word of questions")
@@ -107,7 +123,6 @@ def instruction_stats(samples: Sequence[dict]):
 
 def show_patch_words(image_path: str | Path, words: Sequence[str], size: float = 6.0):
     """The image under a grid of one word per patch token (row-major, as the tower emits them)."""
-
 
     grid = int(math.isqrt(len(words)))
     if grid * grid != len(words):
@@ -141,8 +156,15 @@ def show_answers(recs: Sequence[dict], image_dir: str | Path, ncols: int = 4, sc
         ax.imshow(Image.open(Path(image_dir) / r["image"]).convert("RGB"))
         ax.set_title(textwrap.fill(r["question"], 34), fontsize=7)
         colour = "#1a7f37" if r["correct"] else "#cf222e"
-        ax.text(0, -0.04, f"model: {r['reply'] or '∅'}\ntruth: {r['answer']}", transform=ax.transAxes, va="top",
-                fontsize=8, color=colour)
+        ax.text(
+            0,
+            -0.04,
+            f"model: {r['reply'] or '∅'}\ntruth: {r['answer']}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color=colour,
+        )
     fig.tight_layout()
     return fig
 

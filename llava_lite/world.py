@@ -5,14 +5,15 @@ the way COCO describes a photo: ``instances_<split>.json`` (categories such as `
 pixel boxes ``[x, y, w, h]``, areas, polygons) and ``captions_<split>.json`` (five captions per
 image, each written in a different way). Same seed, same bytes.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
@@ -68,7 +69,10 @@ class Shape:
             pts = [(x + s / 2, y), (x + s, y + s), (x, y + s)]
         else:
             r = s / 2
-            pts = [(x + r + r * math.cos(2 * math.pi * k / 16), y + r + r * math.sin(2 * math.pi * k / 16)) for k in range(16)]
+            pts = [
+                (x + r + r * math.cos(2 * math.pi * k / 16), y + r + r * math.sin(2 * math.pi * k / 16))
+                for k in range(16)
+            ]
         return [round(v, 2) for p in pts for v in p]
 
 
@@ -190,13 +194,20 @@ def _cap_count(objs, rng):
         kinds[o.kind] = kinds.get(o.kind, 0) + 1
     parts = [count_phrase(c, k) for k, c in sorted(kinds.items(), key=lambda kv: -kv[1])]
     total = count_phrase(len(objs), rng.choice(["shape", "object"]))
-    return rng.choice([f"{total.capitalize()}: {_join(parts)}", f"{_join(parts).capitalize()} on {_background(rng)}",
-                       f"A picture of {total}"])
+    return rng.choice(
+        [
+            f"{total.capitalize()}: {_join(parts)}",
+            f"{_join(parts).capitalize()} on {_background(rng)}",
+            f"A picture of {total}",
+        ]
+    )
 
 
 def _cap_relation(objs, rng):
     pairs = [(a, b, facts.relation(a, b)) for a in objs for b in objs if a is not b]
-    pairs = [p for p in pairs if p[2]] + [(a, b, "next to") for a in objs for b in objs if a is not b and facts.next_to(a, b)]
+    pairs = [p for p in pairs if p[2]] + [
+        (a, b, "next to") for a in objs for b in objs if a is not b and facts.next_to(a, b)
+    ]
     if not pairs:
         return None
     a, b, rel = rng.choice(pairs)
@@ -218,8 +229,13 @@ def _cap_colours(objs, rng):
         if len(objs) == 1:
             return f"Just one {colours[0]} shape"
         return f"Everything in the picture is {colours[0]}"
-    return rng.choice([f"{_join(colours).capitalize()} shapes on {_background(rng)}",
-                       f"Shapes in {_join(colours)}", f"Some {_join(colours)} geometric shapes"])
+    return rng.choice(
+        [
+            f"{_join(colours).capitalize()} shapes on {_background(rng)}",
+            f"Shapes in {_join(colours)}",
+            f"Some {_join(colours)} geometric shapes",
+        ]
+    )
 
 
 def _cap_superlative(objs, rng):
@@ -235,8 +251,12 @@ def _cap_kinds(objs, rng):
     kinds = sorted({o.kind for o in objs}, key=SHAPES.index)
     missing = [k for k in SHAPES if k not in kinds]
     if len(kinds) == 1:
-        return rng.choice([f"Only {plural(kinds[0])}" if len(objs) > 1 else f"A lone {objs[0].name}",
-                           f"Nothing but {plural(kinds[0]) if len(objs) > 1 else article(kinds[0])} here"])
+        return rng.choice(
+            [
+                f"Only {plural(kinds[0])}" if len(objs) > 1 else f"A lone {objs[0].name}",
+                f"Nothing but {plural(kinds[0]) if len(objs) > 1 else article(kinds[0])} here",
+            ]
+        )
     text = _join([plural(k) for k in kinds]).capitalize()
     return text + (f", no {plural(missing[0])}" if missing else ", every kind of shape")
 
@@ -245,8 +265,16 @@ def _cap_terse(objs, rng):
     return " and ".join(o.name for o in objs[:3]) + (" and more" if len(objs) > 3 else "")
 
 
-CAPTIONERS = (_cap_enumerate, _cap_count, _cap_relation, _cap_location, _cap_colours, _cap_superlative,
-              _cap_kinds, _cap_terse)
+CAPTIONERS = (
+    _cap_enumerate,
+    _cap_count,
+    _cap_relation,
+    _cap_location,
+    _cap_colours,
+    _cap_superlative,
+    _cap_kinds,
+    _cap_terse,
+)
 
 
 def finish_caption(captioner, text: str | None) -> str | None:
@@ -293,15 +321,28 @@ def sample_world(cfg: WorldConfig) -> dict[str, list[Scene]]:
 
 def coco_files(scenes: list[Scene], cfg: WorldConfig, split: str) -> tuple[dict, dict]:
     """The ``instances`` and ``captions`` documents of one split, as COCO writes them."""
-    info = {"description": "llava-lite shapes world", "version": "1", "split": split, "seed": cfg.seed,
-            "config": asdict(cfg)}
+    info = {
+        "description": "llava-lite shapes world",
+        "version": "1",
+        "split": split,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+    }
     images = [{"id": s.image_id, "file_name": s.file_name, "width": s.size, "height": s.size} for s in scenes]
     anns, caps = [], []
     for s in scenes:
         for sh in s.shapes:
-            anns.append({"id": len(anns) + 1 + 10 * s.image_id, "image_id": s.image_id,
-                         "category_id": CATEGORY_ID[sh.name], "bbox": [float(sh.x), float(sh.y), float(sh.side), float(sh.side)],
-                         "area": round(sh.area, 2), "iscrowd": 0, "segmentation": [sh.polygon()]})
+            anns.append(
+                {
+                    "id": len(anns) + 1 + 10 * s.image_id,
+                    "image_id": s.image_id,
+                    "category_id": CATEGORY_ID[sh.name],
+                    "bbox": [float(sh.x), float(sh.y), float(sh.side), float(sh.side)],
+                    "area": round(sh.area, 2),
+                    "iscrowd": 0,
+                    "segmentation": [sh.polygon()],
+                }
+            )
         rng = random.Random(f"{cfg.seed}:captions:{s.image_id}")
         for text in captions(s, rng):
             caps.append({"id": len(caps) + 1 + 10 * s.image_id, "image_id": s.image_id, "caption": text})
@@ -321,7 +362,11 @@ def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[
     for split, scenes in world.items():
         inst_path = root / "annotations" / f"instances_{split}.json"
         cap_path = root / "annotations" / f"captions_{split}.json"
-        if inst_path.exists() and cap_path.exists() and io.read_json(inst_path).get("info", {}).get("config") == asdict(cfg):
+        if (
+            inst_path.exists()
+            and cap_path.exists()
+            and io.read_json(inst_path).get("info", {}).get("config") == asdict(cfg)
+        ):
             log.info("world split %s is up to date in %s", split, root)
             continue
         image_dir = root / split

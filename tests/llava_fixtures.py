@@ -2,6 +2,7 @@
 
 It reads text with the shipped tiny LM's tokenizer (``data/pretrained/tiny-lm``: byte-level BPE,
 512 tokens, the role tokens and their chat template) over a small random Llama; no lab code."""
+
 import random
 
 import torch
@@ -20,8 +21,12 @@ VISION_DIM = 12
 
 def world_samples(n: int = 40, kinds=("caption", "conversation", "exact"), seed: int = 0):
     scenes = world.sample_world(WorldConfig(splits={"train": n}, seed=seed))["train"]
-    contexts = [SymbolicContext(s.image_id, s.file_name, s.size, s.size,
-                                world.captions(s, random.Random(s.image_id)), s.objects()) for s in scenes]
+    contexts = [
+        SymbolicContext(
+            s.image_id, s.file_name, s.size, s.size, world.captions(s, random.Random(s.image_id)), s.objects()
+        )
+        for s in scenes
+    ]
     samples, _ = symbolic.generate(contexts, kinds)
     return contexts, samples
 
@@ -33,13 +38,29 @@ def tiny_tokenizer():
 
 def tiny_llava(tokenizer, projector_type="mlp2x_gelu", seed=0) -> LlavaLite:
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     image_id = add_image_token(tokenizer, lm)
-    cfg = LlavaConfig(vision_key="test-features", vision_dim=VISION_DIM, num_image_tokens=NUM_IMAGE_TOKENS,
-                      lm_name="tiny-random", lm_dim=32, projector_type=projector_type, image_token_id=image_id)
+    cfg = LlavaConfig(
+        vision_key="test-features",
+        vision_dim=VISION_DIM,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        lm_name="tiny-random",
+        lm_dim=32,
+        projector_type=projector_type,
+        image_token_id=image_id,
+    )
     return LlavaLite(cfg, lm)
 
 

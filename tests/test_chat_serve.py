@@ -4,6 +4,7 @@ started by the test on 127.0.0.1 with a tiny random Llama saved first: the real 
 A random model cannot follow the format, so every reply must end up in the failures file with its
 raw text, and the request and token counts must match what the server did.
 """
+
 import os
 import shutil
 import socket
@@ -23,8 +24,10 @@ from llava_lite.teachers.prompts import RESPONSE_TYPES, load_prompts
 from test_chat_teacher import KEY, KEY_ENV, assert_key_nowhere, make_contexts
 
 MAX_TOKENS = 12
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def save_tiny_chat_model(folder: Path):
@@ -37,19 +40,35 @@ def save_tiny_chat_model(folder: Path):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [p.system for p in map(load_prompts, RESPONSE_TYPES)]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="</s>")
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     # never stop before max_tokens: every reply is cut off ("length") and its token count is known
     model.generation_config.min_new_tokens = 10 * MAX_TOKENS
     model.save_pretrained(folder)
@@ -74,9 +93,24 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **{KEY_ENV: KEY})
     server_log = tmp_path / "serve.log"
     with open(server_log, "wb") as logf:
-        proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu", "--log-level", "info"],
-                                stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                str(exe),
+                "serve",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "info",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -90,9 +124,17 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
 
         contexts = make_contexts(2)
         out = tmp_path / "chat.jsonl"
-        cfg = TeacherConfig(kind="chat", model=str(model_dir), base_url=f"http://127.0.0.1:{port}/v1",
-                            api_key_env=KEY_ENV, chat_max_tokens=MAX_TOKENS, chat_temperature=1.0,
-                            chat_concurrency=2, chat_timeout_s=30, chat_format_retries=1)
+        cfg = TeacherConfig(
+            kind="chat",
+            model=str(model_dir),
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key_env=KEY_ENV,
+            chat_max_tokens=MAX_TOKENS,
+            chat_temperature=1.0,
+            chat_concurrency=2,
+            chat_timeout_s=30,
+            chat_format_retries=1,
+        )
         os.environ[KEY_ENV] = KEY
         try:
             stats = chat.generate(contexts, out, cfg, progress=False)
@@ -120,9 +162,17 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
     assert stats.malformed_replies == units * attempts and stats.without_usage == 0
     assert stats.completion_tokens == units * attempts * MAX_TOKENS
     # the server counts the prompt as the chat template renders it
-    expected_prompt = sum(len(tokenizer.apply_chat_template(load_prompts(t).messages(c.text()),
-                                                            add_generation_prompt=True, tokenize=True,
-                                                            return_dict=False))
-                          for c in contexts for t in RESPONSE_TYPES) * attempts
+    expected_prompt = (
+        sum(
+            len(
+                tokenizer.apply_chat_template(
+                    load_prompts(t).messages(c.text()), add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for c in contexts
+            for t in RESPONSE_TYPES
+        )
+        * attempts
+    )
     assert stats.prompt_tokens == expected_prompt
     assert_key_nowhere(tmp_path)

@@ -1,5 +1,6 @@
 """The chat teacher against a real HTTP server of our own that fails on purpose
 (llava_lite/teachers/testing_server.py), plus its prompt files and reply parser."""
+
 import json
 import logging
 import os
@@ -39,9 +40,18 @@ def make_contexts(n: int, start: int = 1) -> list[SymbolicContext]:
 
 
 def teacher(server: FaultyChatServer, **changes) -> TeacherConfig:
-    settings = dict(kind="chat", model="test-model", base_url=server.base_url, api_key_env=KEY_ENV,
-                    chat_timeout_s=1.0, chat_backoff_s=0.02, chat_max_backoff_s=0.1, chat_concurrency=8,
-                    chat_max_retries=4, chat_format_retries=2)
+    settings = dict(
+        kind="chat",
+        model="test-model",
+        base_url=server.base_url,
+        api_key_env=KEY_ENV,
+        chat_timeout_s=1.0,
+        chat_backoff_s=0.02,
+        chat_max_backoff_s=0.1,
+        chat_concurrency=8,
+        chat_max_retries=4,
+        chat_format_retries=2,
+    )
     settings.update(changes)
     return TeacherConfig(**settings)
 
@@ -61,6 +71,7 @@ def api_key(monkeypatch):
 
 
 # ---------------------------------------------------------------- prompt files and the parser
+
 
 @pytest.mark.parametrize("rtype", RESPONSE_TYPES)
 def test_prompt_files_load_and_their_own_examples_parse_in_the_requested_format(rtype):
@@ -91,22 +102,26 @@ def test_parser_reads_repeated_pairs_labels_on_the_same_line_and_a_missing_last_
     text = "Question:\nHow many?\n===\nAnswer:\nTwo.\n===\nQuestion: Where?\n===\nAnswer: Left.\n"
     assert parse_reply("conversation", text) == [("How many?", "Two."), ("Where?", "Left.")]
     assert parse_reply("complex", "Question:\nWhy?\n===\nAnswer:\nFirst this,\nthen that.\n===\n") == [
-        ("Why?", "First this,\nthen that.")]
+        ("Why?", "First this,\nthen that.")
+    ]
     assert parse_reply("detail", "  A plain paragraph.\n") == "A plain paragraph."
 
 
-@pytest.mark.parametrize("rtype, text, why", [
-    ("conversation", MALFORMED_REPLY, "expected 'Question:'"),
-    ("conversation", "Answer:\nTwo.\n===", "expected 'Question:'"),
-    ("conversation", "Question:\nHow many?\n===", "has no answer"),
-    ("conversation", "Question:\nHow many?\n===\nAnswer:\n\n===", "empty answer"),
-    ("conversation", "Question:\nWhat is in the <image>?\n===\nAnswer:\nA dog.\n===", "image token"),
-    ("complex", "Question:\nA?\n===\nAnswer:\nB.\n===\nQuestion:\nC?\n===\nAnswer:\nD.\n===", "exactly one"),
-    ("detail", MALFORMED_DETAIL, "plain text"),
-    ("detail", "   ", "empty reply"),
-    ("detail", "\x07\x06k}\x04", "not clean text"),
-    ("detail", "caf\ufffd au lait", "not clean text"),
-])
+@pytest.mark.parametrize(
+    "rtype, text, why",
+    [
+        ("conversation", MALFORMED_REPLY, "expected 'Question:'"),
+        ("conversation", "Answer:\nTwo.\n===", "expected 'Question:'"),
+        ("conversation", "Question:\nHow many?\n===", "has no answer"),
+        ("conversation", "Question:\nHow many?\n===\nAnswer:\n\n===", "empty answer"),
+        ("conversation", "Question:\nWhat is in the <image>?\n===\nAnswer:\nA dog.\n===", "image token"),
+        ("complex", "Question:\nA?\n===\nAnswer:\nB.\n===\nQuestion:\nC?\n===\nAnswer:\nD.\n===", "exactly one"),
+        ("detail", MALFORMED_DETAIL, "plain text"),
+        ("detail", "   ", "empty reply"),
+        ("detail", "\x07\x06k}\x04", "not clean text"),
+        ("detail", "caf\ufffd au lait", "not clean text"),
+    ],
+)
 def test_parser_rejects_malformed_replies_saying_why(rtype, text, why):
     with pytest.raises(MalformedReply, match=re.escape(why)):
         parse_reply(rtype, text)
@@ -135,8 +150,18 @@ def test_torn_last_line_is_dropped_before_the_next_record_is_appended(tmp_path):
 # ---------------------------------------------------------------- end to end, with faults
 
 # per unit, what the server does on its 1st, 2nd, ... request (then "ok")
-SCENARIOS = [["ok"], ["500", "ok"], ["429", "ok"], ["slow", "ok"], ["malformed", "ok"], ["drop", "ok"],
-             ["malformed"] * 3, ["500", "drop", "malformed", "ok"], ["400"], ["cut", "ok"]]
+SCENARIOS = [
+    ["ok"],
+    ["500", "ok"],
+    ["429", "ok"],
+    ["slow", "ok"],
+    ["malformed", "ok"],
+    ["drop", "ok"],
+    ["malformed"] * 3,
+    ["500", "drop", "malformed", "ok"],
+    ["400"],
+    ["cut", "ok"],
+]
 
 
 def scenario(key: str) -> list[str]:
@@ -162,7 +187,8 @@ def assert_key_nowhere(root: Path, *texts: str) -> None:
 
 
 def test_faults_lose_no_context_duplicate_none_record_failures_with_raw_text_and_never_leak_the_key(
-        tmp_path, caplog, capfd):
+    tmp_path, caplog, capfd
+):
     caplog.set_level(logging.DEBUG)
     contexts = make_contexts(12)
     out = tmp_path / "chat.jsonl"
@@ -202,14 +228,21 @@ def test_faults_lose_no_context_duplicate_none_record_failures_with_raw_text_and
     assert stats.completions == len(delivered)
     assert stats.prompt_tokens == sum(e["usage"]["prompt_tokens"] for e in delivered)
     assert stats.completion_tokens == sum(e["usage"]["completion_tokens"] for e in delivered)
-    assert stats.retried == {k: v for k, v in {"500": faults["500"], "429": faults["429"], "timeout": faults["slow"],
-                                               "connection": faults["drop"]}.items() if v}
+    assert stats.retried == {
+        k: v
+        for k, v in {
+            "500": faults["500"],
+            "429": faults["429"],
+            "timeout": faults["slow"],
+            "connection": faults["drop"],
+        }.items()
+        if v
+    }
     assert stats.malformed_replies == faults["malformed"] + faults["cut"]
     assert (stats.samples, stats.failures) == (len(ids), len(failures))
 
     captured = capfd.readouterr()
-    assert_key_nowhere(tmp_path, caplog.text, captured.out, captured.err,
-                       *(str(r.args) for r in caplog.records))
+    assert_key_nowhere(tmp_path, caplog.text, captured.out, captured.err, *(str(r.args) for r in caplog.records))
 
 
 def test_429_waits_at_least_as_long_as_retry_after_asks():
@@ -239,15 +272,35 @@ chat.generate(contexts, sys.argv[3], cfg, progress=False)
 def test_resume_after_a_kill_asks_nothing_twice_for_a_finished_context(tmp_path, caplog):
     contexts = make_contexts(12)
     out = tmp_path / "chat.jsonl"
-    (tmp_path / "contexts.json").write_text(json.dumps([
-        {"image_id": c.image_id, "file_name": c.file_name, "captions": c.captions,
-         "objects": [[o.name, list(o.box)] for o in c.objects]} for c in contexts]))
+    (tmp_path / "contexts.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image_id": c.image_id,
+                    "file_name": c.file_name,
+                    "captions": c.captions,
+                    "objects": [[o.name, list(o.box)] for o in c.objects],
+                }
+                for c in contexts
+            ]
+        )
+    )
     with FaultyChatServer(api_key=KEY, latency_s=0.05) as server:
         cfg = teacher(server, chat_concurrency=2)
         (tmp_path / "teacher.json").write_text(json.dumps(cfg.__dict__))
-        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path / "contexts.json"),
-                                 str(tmp_path / "teacher.json"), str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _KILL_SCRIPT,
+                str(tmp_path / "contexts.json"),
+                str(tmp_path / "teacher.json"),
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 8):
             time.sleep(0.01)
@@ -282,8 +335,9 @@ def test_failed_contexts_are_not_asked_again_unless_retry_failed(tmp_path):
         assert len(server.log) == n and (second.already_done, second.already_failed) == (8, 1)
         third = chat.generate(contexts, out, cfg, progress=False, retry_failed=True)
         assert [unit_of(k) for k in server.keys_asked()[n:]] == [(2, "complex")]
-    assert third.samples == 1 and sorted(read_ids(out)) == sorted(chat.sample_id(c.image_id, t)
-                                                                 for c in contexts for t in RESPONSE_TYPES)
+    assert third.samples == 1 and sorted(read_ids(out)) == sorted(
+        chat.sample_id(c.image_id, t) for c in contexts for t in RESPONSE_TYPES
+    )
 
 
 def test_wrong_api_key_stops_at_once_records_nothing_and_does_not_echo_the_key(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """The ``llava-lite`` command: every declared sub-command is there, the shipped cards' commands
 parse to the settings their metrics record, and config dataclasses become flags and back."""
+
 import argparse
 import dataclasses
 import json
@@ -14,13 +15,17 @@ from llava_lite.paths import PRETRAINED_DIR
 
 LM_CONFIGS = (lab.LMArchitecture, lab.LMDocuments, lab.LMTraining, lab.LMRuntime)
 CLIP_CONFIGS = (lab.ClipArchitecture, lab.ClipTexts, lab.ClipTraining, lab.ClipRuntime)
-LM_CARD_FLAGS = ("--steps --batch-size --layout --lr-schedule --lm-hidden --lm-heads --lm-intermediate --qa-per-doc "
-                 "--text-share --device --workers --threads --eval-every --eval-scenes --checkpoint-every "
-                 "--eval-split --world --out").split()
-CLIP_CARD_FLAGS = ("--patch-size --vision-width --vision-layers --text-layers --steps --batch-size --lr "
-                   "--weight-decay --init-temperature --describe-prob --shape-prob --seed --threads --eval-every "
-                   "--metric-scenes --counterfactual-images --no-bf16 --no-hard-negatives --init --device --preset "
-                   "--out").split()
+LM_CARD_FLAGS = (
+    "--steps --batch-size --layout --lr-schedule --lm-hidden --lm-heads --lm-intermediate --qa-per-doc "
+    "--text-share --device --workers --threads --eval-every --eval-scenes --checkpoint-every "
+    "--eval-split --world --out"
+).split()
+CLIP_CARD_FLAGS = (
+    "--patch-size --vision-width --vision-layers --text-layers --steps --batch-size --lr "
+    "--weight-decay --init-temperature --describe-prob --shape-prob --seed --threads --eval-every "
+    "--metric-scenes --counterfactual-images --no-bf16 --no-hard-negatives --init --device --preset "
+    "--out"
+).split()
 
 
 def _help(capsys, argv) -> str:
@@ -41,8 +46,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 def test_every_declared_command_is_in_the_help(capsys):
     commands = _commands(cli.build_parser())
     assert len(commands) == len(cli.COMMANDS)  # each declaration adds one command
-    assert list(commands) == ["world", "instruct", "validate", "backbones", "features", "train", "evaluate",
-                              "tutorial"]
+    assert list(commands) == ["world", "instruct", "validate", "backbones", "features", "train", "evaluate", "tutorial"]
     text = _help(capsys, [])
     for name in commands:
         assert re.search(rf"^\s+{name}\s", text, re.M), name
@@ -119,8 +123,20 @@ def _demo_parser() -> argparse.ArgumentParser:
 def test_config_flags_default_to_the_dataclass_and_round_trip():
     assert cli.config_from(_demo_parser().parse_args([]), Demo) == Demo()
     changed = Demo(hidden_size=16, rate=0.25, name="big", use_cache=False, verbose=True, limit=3, weights={"b": 2})
-    argv = ["--hidden-size", "16", "--rate", "0.25", "--name", "big", "--no-use-cache", "--verbose", "--limit", "3",
-            "--weights", '{"b": 2}']
+    argv = [
+        "--hidden-size",
+        "16",
+        "--rate",
+        "0.25",
+        "--name",
+        "big",
+        "--no-use-cache",
+        "--verbose",
+        "--limit",
+        "3",
+        "--weights",
+        '{"b": 2}',
+    ]
     assert cli.config_from(_demo_parser().parse_args(argv), Demo) == changed
 
 

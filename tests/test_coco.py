@@ -1,4 +1,5 @@
 """Symbolic contexts from COCO files, and one clear error per malformed record."""
+
 import copy
 import json
 
@@ -18,19 +19,48 @@ def _pair(tmp_path, inst, caps):
 def real_coco_style():
     """Records shaped as COCO 2017 writes them (people, animals, many boxes, float boxes)."""
     inst = {
-        "images": [{"id": 139, "file_name": "000000000139.jpg", "width": 640, "height": 426},
-                   {"id": 285, "file_name": "000000000285.jpg", "width": 586, "height": 640}],
-        "categories": [{"id": 1, "name": "person", "supercategory": "person"},
-                       {"id": 23, "name": "bear", "supercategory": "animal"},
-                       {"id": 62, "name": "chair", "supercategory": "furniture"}],
+        "images": [
+            {"id": 139, "file_name": "000000000139.jpg", "width": 640, "height": 426},
+            {"id": 285, "file_name": "000000000285.jpg", "width": 586, "height": 640},
+        ],
+        "categories": [
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 23, "name": "bear", "supercategory": "animal"},
+            {"id": 62, "name": "chair", "supercategory": "furniture"},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 139, "category_id": 1, "bbox": [412.8, 157.61, 53.05, 138.01], "area": 4000.1, "iscrowd": 0},
-            {"id": 2, "image_id": 139, "category_id": 62, "bbox": [291.87, 218.54, 60.42, 97.94], "area": 3000.0, "iscrowd": 0},
-            {"id": 3, "image_id": 285, "category_id": 23, "bbox": [0.0, 50.0, 586.0, 590.0], "area": 200000.0, "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 139,
+                "category_id": 1,
+                "bbox": [412.8, 157.61, 53.05, 138.01],
+                "area": 4000.1,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 139,
+                "category_id": 62,
+                "bbox": [291.87, 218.54, 60.42, 97.94],
+                "area": 3000.0,
+                "iscrowd": 0,
+            },
+            {
+                "id": 3,
+                "image_id": 285,
+                "category_id": 23,
+                "bbox": [0.0, 50.0, 586.0, 590.0],
+                "area": 200000.0,
+                "iscrowd": 0,
+            },
         ],
     }
-    caps = {"annotations": [{"id": 10 + i, "image_id": 139, "caption": f"A woman stands in a living room {i}."} for i in range(5)]
-            + [{"id": 20 + i, "image_id": 285, "caption": f"A big brown bear {i}. "} for i in range(6)]}
+    caps = {
+        "annotations": [
+            {"id": 10 + i, "image_id": 139, "caption": f"A woman stands in a living room {i}."} for i in range(5)
+        ]
+        + [{"id": 20 + i, "image_id": 285, "caption": f"A big brown bear {i}. "} for i in range(6)]
+    }
     return inst, caps
 
 
@@ -46,8 +76,9 @@ def test_context_has_captions_blank_line_and_normalised_boxes(tmp_path, real_coc
 
 
 def test_world_contexts_load(small_world):
-    contexts = coco.load_contexts(small_world / "annotations" / "instances_val.json",
-                                  small_world / "annotations" / "captions_val.json")
+    contexts = coco.load_contexts(
+        small_world / "annotations" / "instances_val.json", small_world / "annotations" / "captions_val.json"
+    )
     assert len(contexts) == 20 and all(len(c.captions) == 5 and c.objects for c in contexts)
 
 
@@ -57,23 +88,86 @@ def _break(real_coco_style, where, fn):
     return inst, caps
 
 
-@pytest.mark.parametrize("case, where, breaker, expected", [
-    ("missing bbox", "inst", lambda d: d["annotations"][1].pop("bbox"), r"annotations\[1\] \(id 2\): missing key 'bbox'"),
-    ("missing image_id in caption", "caps", lambda d: d["annotations"][3].pop("image_id"), r"annotations\[3\] \(id 13\): missing key 'image_id'"),
-    ("missing file_name", "inst", lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id 285\): missing key 'file_name'"),
-    ("missing top-level annotations", "inst", lambda d: d.pop("annotations"), r"missing top-level key 'annotations'"),
-    ("box outside the image", "inst", lambda d: d["annotations"][0].update(bbox=[600.0, 10.0, 80.0, 20.0]),
-     r"annotations\[0\] \(id 1\): bbox \[600.0, 10.0, 80.0, 20.0\] lies outside image 139 \(640x426\)"),
-    ("negative box", "inst", lambda d: d["annotations"][2].update(bbox=[10, 10, -5, 4]), r"annotations\[2\] \(id 3\): bbox .* lies outside"),
-    ("malformed box", "inst", lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), r"annotations\[2\] \(id 3\): bbox should be \[x, y, w, h\]"),
-    ("annotation for unknown image", "inst", lambda d: d["annotations"][2].update(image_id=999), r"annotations\[2\] \(id 3\): annotation for unknown image id 999"),
-    ("caption for unknown image", "caps", lambda d: d["annotations"][0].update(image_id=7), r"annotations\[0\] \(id 10\): caption for unknown image id 7"),
-    ("unknown category", "inst", lambda d: d["annotations"][0].update(category_id=5), r"annotations\[0\] \(id 1\): unknown category id 5"),
-    ("duplicate image id", "inst", lambda d: d["images"].append(dict(d["images"][0])), r"images\[2\] \(id 139\): duplicate image id 139"),
-    ("image with no captions", "caps", lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 285]),
-     r"1 image\(s\) of .*instances_x.json have no captions: ids 285"),
-])
-def test_malformed_record_gets_one_error_naming_file_and_record(tmp_path, real_coco_style, case, where, breaker, expected):
+@pytest.mark.parametrize(
+    "case, where, breaker, expected",
+    [
+        (
+            "missing bbox",
+            "inst",
+            lambda d: d["annotations"][1].pop("bbox"),
+            r"annotations\[1\] \(id 2\): missing key 'bbox'",
+        ),
+        (
+            "missing image_id in caption",
+            "caps",
+            lambda d: d["annotations"][3].pop("image_id"),
+            r"annotations\[3\] \(id 13\): missing key 'image_id'",
+        ),
+        (
+            "missing file_name",
+            "inst",
+            lambda d: d["images"][1].pop("file_name"),
+            r"images\[1\] \(id 285\): missing key 'file_name'",
+        ),
+        (
+            "missing top-level annotations",
+            "inst",
+            lambda d: d.pop("annotations"),
+            r"missing top-level key 'annotations'",
+        ),
+        (
+            "box outside the image",
+            "inst",
+            lambda d: d["annotations"][0].update(bbox=[600.0, 10.0, 80.0, 20.0]),
+            r"annotations\[0\] \(id 1\): bbox \[600.0, 10.0, 80.0, 20.0\] lies outside image 139 \(640x426\)",
+        ),
+        (
+            "negative box",
+            "inst",
+            lambda d: d["annotations"][2].update(bbox=[10, 10, -5, 4]),
+            r"annotations\[2\] \(id 3\): bbox .* lies outside",
+        ),
+        (
+            "malformed box",
+            "inst",
+            lambda d: d["annotations"][2].update(bbox=[1, 2, 3]),
+            r"annotations\[2\] \(id 3\): bbox should be \[x, y, w, h\]",
+        ),
+        (
+            "annotation for unknown image",
+            "inst",
+            lambda d: d["annotations"][2].update(image_id=999),
+            r"annotations\[2\] \(id 3\): annotation for unknown image id 999",
+        ),
+        (
+            "caption for unknown image",
+            "caps",
+            lambda d: d["annotations"][0].update(image_id=7),
+            r"annotations\[0\] \(id 10\): caption for unknown image id 7",
+        ),
+        (
+            "unknown category",
+            "inst",
+            lambda d: d["annotations"][0].update(category_id=5),
+            r"annotations\[0\] \(id 1\): unknown category id 5",
+        ),
+        (
+            "duplicate image id",
+            "inst",
+            lambda d: d["images"].append(dict(d["images"][0])),
+            r"images\[2\] \(id 139\): duplicate image id 139",
+        ),
+        (
+            "image with no captions",
+            "caps",
+            lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 285]),
+            r"1 image\(s\) of .*instances_x.json have no captions: ids 285",
+        ),
+    ],
+)
+def test_malformed_record_gets_one_error_naming_file_and_record(
+    tmp_path, real_coco_style, case, where, breaker, expected
+):
     ip, cp = _pair(tmp_path, *_break(real_coco_style, where, breaker))
     with pytest.raises(coco.CocoFormatError, match=expected) as err:
         coco.load_contexts(ip, cp)

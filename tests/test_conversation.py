@@ -1,5 +1,6 @@
 """The conversation templates: loss labels built turn by turn, the chat template cut into pieces,
 the roles template equal to the tiny LM's own chat template, and the errors that name the problem."""
+
 import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
@@ -8,8 +9,10 @@ from llava_lite import conversation as conv
 
 from llava_fixtures import tiny_tokenizer, world_samples
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_loss_falls_on_assistant_tokens_only_for_every_template(tok, samples, te
     template = conv.get_template("plain" if template_name == "plain" else "chat", t)
     multi = [s for s in samples if len(s["conversations"]) >= 6]
     assert multi, "the fixture must hold multi-turn samples"
-    for s in (samples if template_name != "plain" else [s for s in samples if s["type"] == "caption"]):
+    for s in samples if template_name != "plain" else [s for s in samples if s["type"] == "caption"]:
         enc = template.encode(s["conversations"], s["id"])
         learned = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != conv.IGNORE]
         assert len(learned) == _answer_tokens(t, s, template_name), s["id"]
@@ -100,16 +103,18 @@ def test_roles_template_learns_each_reply_and_its_end_marker_only(tok, samples):
     s = next(s for s in samples if len(s["conversations"]) >= 6)
     enc = roles.encode(s["conversations"], s["id"])
     learned = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != conv.IGNORE]
-    assert learned == [t for r in s["conversations"][1::2] for t in tok.encode(r["value"] + conv.END,
-                                                                                  add_special_tokens=False)]
+    assert learned == [
+        t for r in s["conversations"][1::2] for t in tok.encode(r["value"] + conv.END, add_special_tokens=False)
+    ]
     assert roles.prompt(s["conversations"][:1])[-1] == tok.convert_tokens_to_ids(conv.ASSISTANT)
 
 
 def _word_tokenizer(special: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with the given special tokens (and none other than ``<unk>``)."""
     vocab = {w: i for i, w in enumerate(["<unk>", "hello", *special])}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>"
+    )
     fast.add_special_tokens({"additional_special_tokens": special})
     return fast
 

@@ -1,4 +1,5 @@
 """Samples to examples and batches: fitting to the length limit, the batch plan, the collator."""
+
 import pytest
 
 from llava_lite import conversation as conv
@@ -21,8 +22,10 @@ def test_overlong_sample_is_cut_at_a_turn_boundary_or_dropped_never_through_the_
     template = conv.get_template("chat", tok)
     s = next(s for s in samples if len(s["conversations"]) >= 8)
     full = template.encode(s["conversations"], s["id"])
-    first_reply_end = next(i for i in range(len(full.labels))
-                           if full.labels[i] != conv.IGNORE and full.labels[i + 1] == conv.IGNORE) + 1
+    first_reply_end = (
+        next(i for i in range(len(full.labels)) if full.labels[i] != conv.IGNORE and full.labels[i + 1] == conv.IGNORE)
+        + 1
+    )
     limit = first_reply_end + NUM_IMAGE_TOKENS - 1 + 2
     (ex,), stats = encode_samples([s], template, NUM_IMAGE_TOKENS, limit)
     assert stats["cut at a turn boundary"] == 1 and len(ex.enc) <= limit
@@ -34,8 +37,11 @@ def test_overlong_sample_is_cut_at_a_turn_boundary_or_dropped_never_through_the_
 def test_image_and_image_token_must_agree_and_the_error_names_the_sample(tok, samples):
     template = conv.get_template("chat", tok)
     s = next(s for s in samples if s.get("image"))
-    no_token = {**s, "id": "x1", "conversations": [dict(t, value=t["value"].replace("<image>", "").strip())
-                                                   for t in s["conversations"]]}
+    no_token = {
+        **s,
+        "id": "x1",
+        "conversations": [dict(t, value=t["value"].replace("<image>", "").strip()) for t in s["conversations"]],
+    }
     with pytest.raises(conv.TemplateError, match="sample x1: has an image but 0 <image> tokens"):
         encode_samples([no_token], template, NUM_IMAGE_TOKENS, 512)
     no_image = {k: v for k, v in s.items() if k != "image"} | {"id": "x2"}
@@ -70,8 +76,10 @@ def test_the_batch_plan_is_fixed_by_seed_and_epoch():
 
 def test_collator_pads_with_no_loss_and_stacks_the_features_of_the_samples_with_images(tok, samples):
     template = conv.get_template("chat", tok)
-    text_only = {"id": "t1", "conversations": [{"from": "human", "value": "How many sides has a square?"},
-                                                {"from": "gpt", "value": "four"}]}
+    text_only = {
+        "id": "t1",
+        "conversations": [{"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}],
+    }
     examples, _ = encode_samples([samples[0], text_only], template, NUM_IMAGE_TOKENS, 512)
     for side in ("right", "left"):
         batch = Collator(tok.pad_token_id, features=fake_features, padding_side=side)(examples)

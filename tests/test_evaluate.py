@@ -1,5 +1,6 @@
 """The exact-answer score: items, scores, baselines, the blind samples and the mean loss
 (batched generation itself is tested in test_generate.py)."""
+
 import pytest
 
 from llava_lite import conversation as conv
@@ -25,8 +26,12 @@ def test_every_question_of_an_exact_sample_becomes_one_item(setup):
 
 
 def test_scores_and_the_most_common_answer_baseline():
-    items = [ev.Item(str(i), None, t, "q", a) for i, (t, a) in enumerate(
-        [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("exist", "yes"), ("exist", "no")])]
+    items = [
+        ev.Item(str(i), None, t, "q", a)
+        for i, (t, a) in enumerate(
+            [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("exist", "yes"), ("exist", "no")]
+        )
+    ]
     base = ev.most_common_answer(items)
     assert base["accuracy"]["colour"] == pytest.approx(2 / 3) and base["answers"]["colour"] == "red"
     recs = ev.records(items, ["Red.", "blue", "Blue", "yes", "No, there is none"])
@@ -35,9 +40,21 @@ def test_scores_and_the_most_common_answer_baseline():
 
 
 def test_score_gives_each_types_most_common_answer_share_when_records_carry_the_answer():
-    items = [ev.Item(str(i), None, t, "q", a) for i, (t, a) in enumerate(
-        [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("count", "two"), ("count", "three"),
-         ("count", "two"), ("count", "two"), ("exist", "yes")])]
+    items = [
+        ev.Item(str(i), None, t, "q", a)
+        for i, (t, a) in enumerate(
+            [
+                ("colour", "red"),
+                ("colour", "red"),
+                ("colour", "blue"),
+                ("count", "two"),
+                ("count", "three"),
+                ("count", "two"),
+                ("count", "two"),
+                ("exist", "yes"),
+            ]
+        )
+    ]
     recs = ev.records(items, ["red", "blue", "blue", "two", "two", "one", "two", "no"])
     s = ev.score(recs)
     assert s["baseline"] == {"colour": pytest.approx(2 / 3), "count": 0.75, "exist": 1.0}

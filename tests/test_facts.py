@@ -1,12 +1,17 @@
 """Facts that follow from names and boxes alone: which objects a sentence can single out."""
+
 from llava_lite.facts import Obj, unique_by
 
 BOX = (0.1, 0.1, 0.2, 0.2)
 
 
 def test_unique_by_keeps_the_objects_whose_name_no_other_object_shares_in_their_order():
-    objs = [Obj("red circle", BOX), Obj("blue square", BOX), Obj("red circle", (0.5, 0.5, 0.7, 0.7)),
-            Obj("green triangle", BOX)]
+    objs = [
+        Obj("red circle", BOX),
+        Obj("blue square", BOX),
+        Obj("red circle", (0.5, 0.5, 0.7, 0.7)),
+        Obj("green triangle", BOX),
+    ]
     assert unique_by(objs) == [objs[1], objs[3]]
     assert unique_by(objs[:1]) == objs[:1] and unique_by([]) == []
     assert unique_by([objs[0], objs[2]]) == []  # two red circles: "the red circle" names neither

@@ -1,5 +1,6 @@
 """The feature cache: equal to on-the-fly features, resumable without recomputation, never mixing
 towers, and a corrupt image names itself without leaving a partial shard."""
+
 from __future__ import annotations
 
 import shutil
@@ -112,8 +113,26 @@ def test_cli_caches_a_split_with_the_presets_tower_in_a_folder_named_by_its_key(
     from llava_lite import cli
 
     out = tmp_path / "features"
-    assert cli.main(["features", "--preset", "tiny", "--split", "train", "--world", str(small_world),
-                     "--out", str(out), "--batch-size", "16", "--shard-size", "32"]) == 0
+    assert (
+        cli.main(
+            [
+                "features",
+                "--preset",
+                "tiny",
+                "--split",
+                "train",
+                "--world",
+                str(small_world),
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+                "--shard-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     tower = VisionTower.load("tiny-clip")
     reader = FeatureReader(cache_folder(out, tower, "train"), expect_key=tower.cache_key)
     assert len(reader) == 60 and reader.tokens == 64 and "layer-2__nocls" in reader.cache_key
@@ -130,5 +149,7 @@ def test_a_redrawn_world_with_the_same_ids_is_recomputed_not_reused(tmp_path):
     # same image ids and file names, other pictures: nothing of the old cache may be served
     extract(t, root_b / "annotations" / "instances_train.json", root_b / "train", out, shard_size=4, progress=False)
     assert sum(calls) == 6
-    fresh = t.encode([root_b / "train" / r.file_name for r in split_images(root_b / "annotations" / "instances_train.json")])
+    fresh = t.encode(
+        [root_b / "train" / r.file_name for r in split_images(root_b / "annotations" / "instances_train.json")]
+    )
     torch.testing.assert_close(FeatureReader(out).get_many(list(range(1, 7))).float(), fresh, atol=2e-3, rtol=2e-3)

@@ -1,5 +1,6 @@
 """Batched greedy replies: left-padded batches that answer as one prompt at a time would, the token
 that ends a turn, the prompt of one question, and eval mode only for the block that asks."""
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models
@@ -37,19 +38,28 @@ STOP, PAD = 99, 0
 def _echo_generate(calls):
     """A stand-in ``generate``: each row's reply is its real prompt tokens plus 10, then the stop token
     and one more token; records what it was given."""
+
     def generate(input_ids, attention_mask, max_new_tokens, **kw):
         calls.append({"ids": input_ids.clone(), "mask": attention_mask.clone(), **kw})
         rows = [[t + 10 for t in ids[mask.bool()].tolist()] + [STOP, 7] for ids, mask in zip(input_ids, attention_mask)]
         width = max(map(len, rows))
         return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+
     return generate
 
 
 def test_greedy_replies_left_pad_each_batch_and_come_back_in_the_prompts_order():
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 1], [2]]
     calls = []
-    replies = greedy_replies(_echo_generate(calls), prompts, PAD, STOP, lambda t: " ".join(map(str, t)), batch_size=2,
-                             extras=lambda idx: {"which": idx})
+    replies = greedy_replies(
+        _echo_generate(calls),
+        prompts,
+        PAD,
+        STOP,
+        lambda t: " ".join(map(str, t)),
+        batch_size=2,
+        extras=lambda idx: {"which": idx},
+    )
     assert replies == [" ".join(str(t + 10) for t in p) for p in prompts]  # in order, cut before the stop token
     assert [c["which"] for c in calls] == [[1, 4], [2, 0], [3]]  # batched shortest first
     for c in calls:
@@ -63,6 +73,7 @@ def test_greedy_replies_left_pad_each_batch_and_come_back_in_the_prompts_order()
 def test_greedy_replies_drop_the_prompt_when_generate_returns_it():
     def generate(input_ids, attention_mask, max_new_tokens, **kw):
         return torch.cat([input_ids, torch.full((len(input_ids), 2), 42), torch.full((len(input_ids), 1), STOP)], 1)
+
     assert greedy_replies(generate, [[1, 2], [3]], PAD, STOP, str, returns_prompt=True) == ["[42, 42]", "[42, 42]"]
 
 
@@ -81,8 +92,9 @@ def test_question_prompt_holds_one_slot_per_patch_token_and_ends_on_the_assistan
 
 def _tokenizer(tokens: list[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", *tokens])}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                   unk_token="<unk>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>", eos_token="</s>"
+    )
     if tokens:
         fast.add_special_tokens({"additional_special_tokens": tokens})
     return fast

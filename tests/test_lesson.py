@@ -1,4 +1,5 @@
 """``lesson.setup``: one call prepares what a notebook needs, and a second call reuses it."""
+
 import pytest
 
 from llava_lite import lesson

@@ -1,4 +1,5 @@
 """The memory estimate printed before training, and the advice given instead of running out."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """The LLaVA model: image tokens spliced where <image> stands, text-only batches, the one token loss,
 and LoRA adapters folded back into the weights."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,13 +50,19 @@ def test_projected_patches_land_in_the_image_slots_in_order(tok, samples):
 def test_text_only_samples_and_padding_work_in_one_batch(tok, samples):
     model = tiny_llava(tok)
     template = conv.get_template("chat", tok)
-    text_only = {"id": "t1", "conversations": [{"from": "human", "value": "How many sides has a square?"},
-                                                {"from": "gpt", "value": "four"}]}
+    text_only = {
+        "id": "t1",
+        "conversations": [{"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}],
+    }
     examples, _ = encode_samples([samples[0], text_only, samples[1]], template, NUM_IMAGE_TOKENS, 512)
     batch = Collator(tok.pad_token_id, features=fake_features)(examples)
     assert batch["image_features"].shape == (2, NUM_IMAGE_TOKENS, 12)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                image_features=batch["image_features"])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        image_features=batch["image_features"],
+    )
     assert torch.isfinite(out.loss)
     # padding changes nothing for the real tokens: the text-only sample alone gives the same logits
     alone = Collator(tok.pad_token_id)([examples[1]])
@@ -78,8 +85,12 @@ def _logits_and_labels(dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_summed_token_loss_is_exactly_the_training_loops_former_cross_entropy(dtype):
     logits, labels = _logits_and_labels(dtype)
-    former = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                             ignore_index=-100, reduction="sum")
+    former = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     got = token_loss(logits, labels, reduction="sum")
     assert got.dtype == torch.float32 and torch.equal(got, former)
 
@@ -135,8 +146,9 @@ def test_merging_lora_gives_an_ordinary_model_with_the_same_outputs(tok, samples
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     examples, _ = encode_samples(samples[:4], conv.get_template("chat", tok), NUM_IMAGE_TOKENS, 512)
     batch = Collator(tok.pad_token_id, features=fake_features)(examples)
-    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              image_features=batch["image_features"])
+    kw = dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=batch["image_features"]
+    )
     with torch.no_grad():
         before = model(**kw).logits
         assert not torch.allclose(before, tiny_llava(tok)(**kw).logits, atol=1e-3)  # the adapters do something

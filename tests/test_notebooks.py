@@ -3,6 +3,7 @@
 A notebook keeps its smoke sizes in its own metadata (``metadata.llava_lite.smoke_parameters``),
 so a new lesson is picked up here with no change to this file.
 """
+
 import json
 import subprocess
 import sys
@@ -29,7 +30,11 @@ def test_there_are_lessons_to_run():
 def test_committed_notebook_is_clean_and_declares_its_smoke_parameters(path: Path):
     nb = json.loads(path.read_text())
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
-    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
+    ]
     assert not dirty, f"{path.name}: cells {dirty} were committed with outputs"
     params = _parameters_cell(nb)
     smoke = tutorial.smoke_parameters(path)
@@ -42,13 +47,34 @@ def test_committed_notebook_is_clean_and_declares_its_smoke_parameters(path: Pat
 def test_notebook_runs_at_smoke_size_and_passes_nbval(path: Path, outputs_dir: Path):
     executed = tutorial.run_notebook(path, outputs_dir / "notebooks", tutorial.smoke_parameters(path))
     nb = json.loads(executed.read_text())
-    errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
     ini = outputs_dir / "nbval.ini"
     ini.write_text("[pytest]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-c", str(ini), "-p", "no:cacheprovider", "--nbval-lax",
-         "--nbval-current-env", str(executed)],
-        capture_output=True, text=True, cwd=outputs_dir, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-c",
+            str(ini),
+            "-p",
+            "no:cacheprovider",
+            "--nbval-lax",
+            "--nbval-current-env",
+            str(executed),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=outputs_dir,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

@@ -1,4 +1,5 @@
 """Linear probes on features: a probe finds what separable features hold, and no more."""
+
 from __future__ import annotations
 
 import torch

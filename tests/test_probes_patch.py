@@ -1,4 +1,5 @@
 """The per-patch parts of llava_lite.probes: per-patch labels, the per-patch probe and the PCA map."""
+
 import torch
 
 from llava_lite import probes
@@ -26,8 +27,7 @@ def test_patch_probe_separates_classes_that_are_linearly_apart_and_reports_chanc
     x = torch.randn(40, 16, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()
     res = probes.patch_probe(x[:30], y[:30], x[30:], y[30:])
     assert res["accuracy"] > 0.99 and res["majority"] < 0.5
-    noise = probes.patch_probe(torch.randn(30, 16, 8, generator=g), y[:30], torch.randn(10, 16, 8, generator=g),
-                               y[30:])
+    noise = probes.patch_probe(torch.randn(30, 16, 8, generator=g), y[:30], torch.randn(10, 16, 8, generator=g), y[30:])
     assert noise["accuracy"] < 0.6
 
 

@@ -1,5 +1,6 @@
 """Image-text retrieval: the trimmed text encoding, the recall protocols, the truth reader, and the
 held-out descriptions."""
+
 from __future__ import annotations
 
 import random
@@ -21,8 +22,11 @@ from llava_lite.retrieval import (
 
 
 def test_description_names_every_object():
-    objs = [Obj("red circle", (0.1, 0.1, 0.2, 0.2)), Obj("blue square", (0.5, 0.5, 0.9, 0.9)),
-            Obj("green triangle", (0.7, 0.1, 0.8, 0.2))]
+    objs = [
+        Obj("red circle", (0.1, 0.1, 0.2, 0.2)),
+        Obj("blue square", (0.5, 0.5, 0.9, 0.9)),
+        Obj("green triangle", (0.7, 0.1, 0.8, 0.2)),
+    ]
     for seed in range(20):
         text = object_description(objs, random.Random(seed))
         assert all(o.name in text for o in objs), text
@@ -32,10 +36,20 @@ def test_description_names_every_object():
 
 def test_trimmed_text_encoding_equals_open_clip_full_length():
     torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                                                     "head_width": 16},
-                           text_cfg={"context_length": 12, "vocab_size": 20, "width": 32, "heads": 2, "layers": 2,
-                                     "pool_type": "eos", "eos_id": 2, "pad_id": 0}).eval()
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        text_cfg={
+            "context_length": 12,
+            "vocab_size": 20,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+            "pool_type": "eos",
+            "eos_id": 2,
+            "pad_id": 0,
+        },
+    ).eval()
     ids = torch.randint(3, 20, (3, 12))
     ids[0, 4:], ids[0, 4] = 0, 2
     ids[1, 7:], ids[1, 7] = 0, 2
@@ -68,24 +82,39 @@ def test_scene_recall_counts_any_own_caption_or_the_same_string():
 
 def test_caption_truth_oracle_finds_captions_that_fit_several_scenes():
     a = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9))]
-    b = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9)),
-         Obj("green triangle", (0.6, 0.1, 0.9, 0.3))]
+    b = [
+        Obj("red circle", (0.1, 0.1, 0.3, 0.3)),
+        Obj("blue square", (0.6, 0.6, 0.9, 0.9)),
+        Obj("green triangle", (0.6, 0.1, 0.9, 0.3)),
+    ]
     objects = [a, b] * 50
     # every scene captioned "red circle and blue square" (true of a and of b: the terse caption
     # names three objects at most), or "A picture of three objects." (true of b only)
-    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
-            ["red circle and blue square and green triangle", "A picture of three objects."] for i in range(100)]
+    caps = [
+        ["red circle and blue square", "A picture of two objects."]
+        if i % 2 == 0
+        else ["red circle and blue square and green triangle", "A picture of three objects."]
+        for i in range(100)
+    ]
     o = caption_truth_oracle(objects, caps, draws=50)
     assert o["coverage"] == 1.0 and o["n"] == 200
     # round 1: "red circle and blue square and green triangle" is not true of a; round 2 is unambiguous
     assert o["r@1"] == 1.0 and o["no_true_rival"] == 1.0
-    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
-            ["Circles, squares and triangles, every kind of shape.", "A picture of three objects."] for i in range(100)]
+    caps = [
+        ["red circle and blue square", "A picture of two objects."]
+        if i % 2 == 0
+        else ["Circles, squares and triangles, every kind of shape.", "A picture of three objects."]
+        for i in range(100)
+    ]
     # scene b's round-1 rival "red circle and blue square" is not true of b (it has three objects and
     # the terse caption lists them all); a's rival is not true of a: still unambiguous
     assert caption_truth_oracle(objects, caps, draws=50)["r@1"] == 1.0
-    caps = [["red circle and blue square", "A picture of two objects."] if i % 2 == 0 else
-            ["A red circle and a blue square.", "A picture of three objects."] for i in range(100)]
+    caps = [
+        ["red circle and blue square", "A picture of two objects."]
+        if i % 2 == 0
+        else ["A red circle and a blue square.", "A picture of three objects."]
+        for i in range(100)
+    ]
     o = caption_truth_oracle(objects, caps, draws=300)
     # "A red circle and a blue square." (an enumeration) is true of a, so each of a's round-1 queries
     # has a true rival: half the round-1 queries score 1/2

@@ -1,5 +1,6 @@
 """The scene as text for a reading LM: every exact question is answered by lookups in the sized
 table, each line lists every object in an order of its own, and the sorted lines are sorted."""
+
 from __future__ import annotations
 
 import random
@@ -40,8 +41,11 @@ def _read_table(table: str, qa) -> str:
     names = rows["objects"]  # always colour first
     words = re.findall(r"[a-z]+", qa.question.lower())
     named = [f"{a} {b}" for a, b in zip(words, words[1:]) if f"{a} {b}" in COLOUR_SHAPES]
-    value = lambda key, name: next(e.rsplit(" ", 1)[1] for e in rows[key]  # noqa: E731
-                                   if sorted(e.rsplit(" ", 1)[0].split()) == sorted(name.split()))  # either word order
+    value = lambda key, name: next(
+        e.rsplit(" ", 1)[1]
+        for e in rows[key]  # noqa: E731
+        if sorted(e.rsplit(" ", 1)[0].split()) == sorted(name.split())
+    )  # either word order
     if qa.qtype == "colour":
         shape = next(w for w in words if w in SHAPES)
         return next(e.split()[1] for e in rows["colours"] if e.split()[0] == shape)
@@ -88,8 +92,11 @@ def test_every_line_lists_every_object_in_an_order_of_its_own(tmp_path):
         assert names == sorted(o.name for o in ctx.objects)
         for key in SIZED_LINES[2:]:
             # "down" and its sorted line name shape first: "circle red 6"
-            as_name = (lambda e: " ".join(e.split()[:2][::-1])) if key in ("down", "top to bottom") else \
-                (lambda e: e.rsplit(" ", 1)[0])
+            as_name = (
+                (lambda e: " ".join(e.split()[:2][::-1]))
+                if key in ("down", "top to bottom")
+                else (lambda e: e.rsplit(" ", 1)[0])
+            )
             assert sorted(as_name(e) for e in rows[key]) == names, (key, text)
         assert sorted(rows["colours"]) == sorted(f"{o.kind} {o.colour}" for o in ctx.objects)
         reordered += rows["sizes"] != [f"{o.name} {o.size}" for o in ctx.objects]
@@ -113,8 +120,9 @@ def test_sorted_lines_list_each_coordinate_in_order_and_answer_position_by_order
                 continue
             words = re.findall(r"[a-z]+", qa.question.lower())
             a, b = [f"{x} {y}" for x, y in zip(words, words[1:]) if f"{x} {y}" in COLOUR_SHAPES]
-            key, first, second = ("left to right", "left", "right") if "left" in words else ("top to bottom", "above",
-                                                                                             "below")
+            key, first, second = (
+                ("left to right", "left", "right") if "left" in words else ("top to bottom", "above", "below")
+            )
             names = [" ".join(sorted(e.rsplit(" ", 1)[0].split())) for e in rows[key]]
             ia, ib = names.index(" ".join(sorted(a.split()))), names.index(" ".join(sorted(b.split())))
             assert (first if ia < ib else second) == qa.answer, (rows, qa)

@@ -1,5 +1,6 @@
 """The two training stages put together for a preset: the same start for the same seed, stage 2
 prepared from stage 1, QLoRA's refusal without a GPU, and two processes that train as one."""
+
 import os
 import shutil
 import subprocess
@@ -31,8 +32,17 @@ class Tower:
 
 def test_the_same_preset_always_starts_from_the_same_projector(tok):
     def lm():
-        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+            )
+        )
+
     cfg = get_preset("tiny")
     a = stages.build_llava(cfg, lm(), tok, Tower())
     torch.rand(100)  # whatever ran before does not matter
@@ -69,8 +79,18 @@ def _stage_samples(stage):
 def test_run_stage_trains_through_the_presets_template_and_reports_its_examples(tok, tmp_path):
     preset = get_preset("tiny")
     model = tiny_llava(tok)
-    summary = stages.run_stage(preset, model, tok, fake_features, 1, _stage_samples(1), tmp_path / "stage1",
-                               progress=False, max_steps=2, batch_size=4)
+    summary = stages.run_stage(
+        preset,
+        model,
+        tok,
+        fake_features,
+        1,
+        _stage_samples(1),
+        tmp_path / "stage1",
+        progress=False,
+        max_steps=2,
+        batch_size=4,
+    )
     assert summary["steps"] == 2 and summary["examples"]["kept"] == 24
     assert [m["step"] for m in read_metrics(tmp_path / "stage1")][-1] == 2
     assert latest_checkpoint(tmp_path / "stage1").name == "checkpoint-2"
@@ -79,8 +99,19 @@ def test_run_stage_trains_through_the_presets_template_and_reports_its_examples(
 def test_stage2_starts_from_the_stage1_projector(tok, tmp_path):
     preset = get_preset("tiny")
     first = tiny_llava(tok)
-    stages.run_stage(preset, first, tok, fake_features, 1, _stage_samples(1), tmp_path / "stage1", progress=False,
-                     max_steps=2, batch_size=4, lr=1e-2)
+    stages.run_stage(
+        preset,
+        first,
+        tok,
+        fake_features,
+        1,
+        _stage_samples(1),
+        tmp_path / "stage1",
+        progress=False,
+        max_steps=2,
+        batch_size=4,
+        lr=1e-2,
+    )
     second = stages.prepare_stage2(preset, tiny_llava(tok), latest_checkpoint(tmp_path / "stage1"), lora=False)
     for (n, p), (_, q) in zip(first.projector.named_parameters(), second.projector.named_parameters()):
         assert torch.equal(p, q), n
@@ -89,10 +120,23 @@ def test_stage2_starts_from_the_stage1_projector(tok, tmp_path):
 
 def test_a_stage1_checkpoint_of_another_projector_is_refused_naming_both(tok, tmp_path):
     preset = get_preset("tiny")
-    stages.run_stage(preset, tiny_llava(tok, projector_type="linear"), tok, fake_features, 1, _stage_samples(1),
-                     tmp_path / "stage1", progress=False, max_steps=1, batch_size=4)
-    with pytest.raises(ValueError, match="stage-1 checkpoint .* was made for projector_type='linear', "
-                                         "but this model has projector_type='mlp2x_gelu'"):
+    stages.run_stage(
+        preset,
+        tiny_llava(tok, projector_type="linear"),
+        tok,
+        fake_features,
+        1,
+        _stage_samples(1),
+        tmp_path / "stage1",
+        progress=False,
+        max_steps=1,
+        batch_size=4,
+    )
+    with pytest.raises(
+        ValueError,
+        match="stage-1 checkpoint .* was made for projector_type='linear', "
+        "but this model has projector_type='mlp2x_gelu'",
+    ):
         stages.prepare_stage2(preset, tiny_llava(tok), latest_checkpoint(tmp_path / "stage1"))
 
 
@@ -107,11 +151,21 @@ def test_qlora_without_a_cuda_gpu_says_what_to_use_instead(monkeypatch):
 def test_two_cpu_processes_stay_identical_and_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"),
-                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one")], capture_output=True,
-                         text=True, env=env, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
     single = load_file(str(tmp_path / "one" / "rank0.safetensors"))

@@ -1,4 +1,5 @@
 """The symbolic teacher states only facts that follow from the context, in every response type."""
+
 import re
 from collections import Counter
 
@@ -51,8 +52,13 @@ def contradictions(text: str, objs: list[Obj]) -> tuple[list[str], int]:
             wrong.append(m.group(0))
     for m in re.finditer(rf"\b(the|an?) ((?:{COL}) [a-z]+) is ({REGIONS})", low):
         checked += 1
-        cands = [by_name[m.group(2)]] if m.group(1) == "the" and m.group(2) in by_name else \
-            [o for o in objs if o.name == m.group(2)] if m.group(1) != "the" else []
+        cands = (
+            [by_name[m.group(2)]]
+            if m.group(1) == "the" and m.group(2) in by_name
+            else [o for o in objs if o.name == m.group(2)]
+            if m.group(1) != "the"
+            else []
+        )
         if not any(facts.region_phrase(o) == m.group(3) for o in cands):
             wrong.append(m.group(0))
     for m in re.finditer(rf"\bthe ((?:{COL}) [a-z]+) is ({RELS}) the ((?:{COL}) [a-z]+)", low):
@@ -89,21 +95,53 @@ def test_every_count_colour_and_position_stated_on_500_scenes_matches_the_annota
 
 def test_the_parser_catches_a_wrong_fact():
     objs = [Obj("red circle", (0.1, 0.1, 0.3, 0.3)), Obj("blue square", (0.6, 0.6, 0.9, 0.9))]
-    assert contradictions("There are two shapes. The circle is red. The red circle is to the left of the blue square.", objs) == ([], 3)
-    wrong, _ = contradictions("There are three shapes. The circle is blue. The blue square is above the red circle. "
-                              "The red circle is in the centre. There is no blue square.", objs)
+    assert contradictions(
+        "There are two shapes. The circle is red. The red circle is to the left of the blue square.", objs
+    ) == ([], 3)
+    wrong, _ = contradictions(
+        "There are three shapes. The circle is blue. The blue square is above the red circle. "
+        "The red circle is in the centre. There is no blue square.",
+        objs,
+    )
     assert len(wrong) == 5
 
 
 COCO_CONTEXTS = [
-    SymbolicContext(1, "a.jpg", 640, 480, ["A man rides a horse on a beach.", "Two people near horses.", "x", "y", "z"], [
-        Obj("person", (0.10, 0.20, 0.25, 0.80)), Obj("person", (0.60, 0.25, 0.70, 0.75)),
-        Obj("horse", (0.05, 0.40, 0.45, 0.95)), Obj("dog", (0.80, 0.70, 0.95, 0.90))]),
-    SymbolicContext(2, "b.jpg", 500, 375, ["A kitchen with a fridge.", "b", "c", "d", "e"], [
-        Obj("refrigerator", (0.70, 0.05, 0.98, 0.95)), Obj("oven", (0.30, 0.50, 0.55, 0.95)), Obj("bottle", (0.32, 0.30, 0.36, 0.45))]
-        + [Obj("cup", (0.05 + 0.04 * i, 0.40, 0.08 + 0.04 * i, 0.46)) for i in range(6)]),
-    SymbolicContext(3, "c.jpg", 640, 427, ["A crowd at a stadium.", "b", "c", "d", "e"],
-                    [Obj("person", (0.03 * i, 0.5, 0.03 * i + 0.025, 0.7)) for i in range(14)] + [Obj("sports ball", (0.5, 0.2, 0.52, 0.23))]),
+    SymbolicContext(
+        1,
+        "a.jpg",
+        640,
+        480,
+        ["A man rides a horse on a beach.", "Two people near horses.", "x", "y", "z"],
+        [
+            Obj("person", (0.10, 0.20, 0.25, 0.80)),
+            Obj("person", (0.60, 0.25, 0.70, 0.75)),
+            Obj("horse", (0.05, 0.40, 0.45, 0.95)),
+            Obj("dog", (0.80, 0.70, 0.95, 0.90)),
+        ],
+    ),
+    SymbolicContext(
+        2,
+        "b.jpg",
+        500,
+        375,
+        ["A kitchen with a fridge.", "b", "c", "d", "e"],
+        [
+            Obj("refrigerator", (0.70, 0.05, 0.98, 0.95)),
+            Obj("oven", (0.30, 0.50, 0.55, 0.95)),
+            Obj("bottle", (0.32, 0.30, 0.36, 0.45)),
+        ]
+        + [Obj("cup", (0.05 + 0.04 * i, 0.40, 0.08 + 0.04 * i, 0.46)) for i in range(6)],
+    ),
+    SymbolicContext(
+        3,
+        "c.jpg",
+        640,
+        427,
+        ["A crowd at a stadium.", "b", "c", "d", "e"],
+        [Obj("person", (0.03 * i, 0.5, 0.03 * i + 0.025, 0.7)) for i in range(14)]
+        + [Obj("sports ball", (0.5, 0.2, 0.52, 0.23))],
+    ),
 ]
 
 
@@ -120,9 +158,16 @@ def test_real_coco_contexts_give_valid_samples_of_all_three_types(ctx):
         text = _gpt_text(s).lower()
         # never a colour or a shape-world word about objects that have none
         assert not re.search(rf"\b({COL})\b", text), text
-    counts = re.findall(rf"there (?:is|are) ({NUM}) (people|persons?|cups?|horses?|objects?)", " ".join(_gpt_text(s) for s in samples).lower())
-    truth = {"people": sum(o.kind == "person" for o in ctx.objects), "cup": sum(o.kind == "cup" for o in ctx.objects),
-             "horse": sum(o.kind == "horse" for o in ctx.objects), "object": len(ctx.objects)}
+    counts = re.findall(
+        rf"there (?:is|are) ({NUM}) (people|persons?|cups?|horses?|objects?)",
+        " ".join(_gpt_text(s) for s in samples).lower(),
+    )
+    truth = {
+        "people": sum(o.kind == "person" for o in ctx.objects),
+        "cup": sum(o.kind == "cup" for o in ctx.objects),
+        "horse": sum(o.kind == "horse" for o in ctx.objects),
+        "object": len(ctx.objects),
+    }
     for n, noun in counts:
         key = "people" if noun.startswith("pe") else noun.rstrip("s")
         assert NUMBER_WORDS.index(n) == truth[key], (n, noun)
@@ -142,8 +187,12 @@ def test_questions_vary_in_wording():
     scenes = world.sample_world(WorldConfig(splits={"train": 200}))["train"]
     contexts = [SymbolicContext(s.image_id, s.file_name, s.size, s.size, ["c"], s.objects()) for s in scenes]
     samples, _ = symbolic.generate(contexts, kinds=("conversation",))
-    openings = Counter(" ".join(t["value"].replace("<image>", "").split()[:3]) for s in samples
-                       for t in s["conversations"] if t["from"] == "human")
+    openings = Counter(
+        " ".join(t["value"].replace("<image>", "").split()[:3])
+        for s in samples
+        for t in s["conversations"]
+        if t["from"] == "human"
+    )
     assert len(openings) >= 25
 
 

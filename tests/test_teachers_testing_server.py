@@ -1,4 +1,5 @@
 """The misbehaving chat server's plans: which fault each request of each context meets."""
+
 import pytest
 
 from llava_lite.teachers.testing_server import FAULTS, rotating_faults

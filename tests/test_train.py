@@ -1,5 +1,6 @@
 """The one training loop: what each stage trains, checkpoints that resume exactly and keep what
 trained, a diverging loss that names its samples, and the learning-rate schedule."""
+
 import math
 
 import pytest
@@ -36,8 +37,7 @@ def _setup(tok, samples, stage=1):
 def test_stage1_trains_the_projector_and_leaves_everything_else_untouched(tok, samples, tmp_path):
     model, examples, collate = _setup(tok, samples)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, examples, collate, TrainConfig(stage=1, batch_size=8, max_steps=2, lr=1e-2), tmp_path,
-          progress=False)
+    train(model, examples, collate, TrainConfig(stage=1, batch_size=8, max_steps=2, lr=1e-2), tmp_path, progress=False)
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         assert changed == n.startswith("projector."), n
@@ -89,8 +89,7 @@ def test_lora_trains_adapters_and_projector_and_the_checkpoint_keeps_both(tok, s
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.startswith("projector.") for n in names)
     assert any(n.startswith("projector.") for n in names) and len(groups["lm"]) > 0
-    train(model, examples, collate, TrainConfig(stage=2, batch_size=8, max_steps=3, lr=1e-2), tmp_path,
-          progress=False)
+    train(model, examples, collate, TrainConfig(stage=2, batch_size=8, max_steps=3, lr=1e-2), tmp_path, progress=False)
     saved = load_file(str(latest_checkpoint(tmp_path) / "trainable.safetensors"))
     assert set(saved) == set(names)
     fresh = apply_lora(tiny_llava(tok), r=4, alpha=8)

@@ -1,4 +1,5 @@
 """`llava-lite validate`: every rule, on the project's JSONL and on official-style LLaVA JSON."""
+
 import json
 import logging
 
@@ -9,12 +10,16 @@ from llava_lite.validate import check_sample, validate_file
 
 
 def good(sid="000000033471", image="000000033471.jpg", **extra):
-    sample = {"id": sid, "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour is the bus?"},
-        {"from": "gpt", "value": "The bus is white and red."},
-        {"from": "human", "value": "Is anyone getting on it?"},
-        {"from": "gpt", "value": "Yes, a few people are stepping in."},
-    ], **extra}
+    sample = {
+        "id": sid,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the bus?"},
+            {"from": "gpt", "value": "The bus is white and red."},
+            {"from": "human", "value": "Is anyone getting on it?"},
+            {"from": "gpt", "value": "Yes, a few people are stepping in."},
+        ],
+        **extra,
+    }
     if image is not None:
         sample["image"] = image
     return sample
@@ -30,8 +35,9 @@ def test_official_llava_json_list_and_project_jsonl_with_extra_keys_pass(tmp_pat
     report = validate_file(official)
     assert report.ok and report.samples == 2
     ours = tmp_path / "chat.jsonl"
-    ours.write_text("".join(json.dumps(good(f"{i}-conversation", f"train/{i}.png", type="conversation")) + "\n"
-                            for i in range(3)))
+    ours.write_text(
+        "".join(json.dumps(good(f"{i}-conversation", f"train/{i}.png", type="conversation")) + "\n" for i in range(3))
+    )
     assert validate_file(ours).ok and validate_file(ours).samples == 3
 
 
@@ -76,13 +82,16 @@ def test_missing_or_empty_conversations_are_reported(conversations):
     assert rules(sample) == [(None, "conversations")]
 
 
-@pytest.mark.parametrize("turn0, turn2, expected", [
-    ("What colour is the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # none at all
-    ("<image>\n<image>\nWhat colour?", "Is anyone getting on it?", [(0, "image-token")]),  # two
-    ("<image>\nWhat colour?", "<image>\nIs anyone getting on it?", [(2, "image-token")]),  # outside turn 0
-    ("What <image> colour is the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # mid-line
-    ("What colour\n<image>\nis the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # middle line
-])
+@pytest.mark.parametrize(
+    "turn0, turn2, expected",
+    [
+        ("What colour is the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # none at all
+        ("<image>\n<image>\nWhat colour?", "Is anyone getting on it?", [(0, "image-token")]),  # two
+        ("<image>\nWhat colour?", "<image>\nIs anyone getting on it?", [(2, "image-token")]),  # outside turn 0
+        ("What <image> colour is the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # mid-line
+        ("What colour\n<image>\nis the bus?", "Is anyone getting on it?", [(0, "image-token")]),  # middle line
+    ],
+)
 def test_exactly_one_image_token_on_the_first_or_last_line_of_the_first_human_turn(turn0, turn2, expected):
     sample = good()
     sample["conversations"][0]["value"] = turn0
@@ -150,5 +159,8 @@ def test_max_problems_shows_the_first_problems_then_how_many_more_and_the_summar
     caplog.set_level(logging.INFO)
     assert main(["validate", str(path), "--max-problems", "1"]) == 1
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [f"{path}: sample 0 (id 'x0'), turn 1: empty 'value'", "... 2 more problems not shown",
-                     f"{path}: 3 samples, 3 problems in 3 samples (value: 3)"]
+    assert lines == [
+        f"{path}: sample 0 (id 'x0'), turn 1: empty 'value'",
+        "... 2 more problems not shown",
+        f"{path}: 3 samples, 3 problems in 3 samples (value: 3)",
+    ]

@@ -1,5 +1,6 @@
 """The vision tower: layer selection, preprocessing of odd images, errors that name the file,
 and the shipped tiny CLIP still meeting its metrics when measured afresh."""
+
 from __future__ import annotations
 
 import io as stdio
@@ -61,8 +62,12 @@ def test_last_layer_cls_token_through_ln_post_and_proj_is_clips_image_embedding(
 
 
 def test_cache_key_changes_with_layer_cls_and_weights():
-    keys = {tower().cache_key, tower(layer=-1).cache_key, tower(keep_cls=True).cache_key,
-            VisionTower.from_config(TINY_CFG, seed=1).cache_key}
+    keys = {
+        tower().cache_key,
+        tower(layer=-1).cache_key,
+        tower(keep_cls=True).cache_key,
+        VisionTower.from_config(TINY_CFG, seed=1).cache_key,
+    }
     assert len(keys) == 4
     assert tower().cache_key == tower().cache_key  # stable across loads
 
@@ -137,7 +142,7 @@ def test_encode_of_a_uint8_tensor_equals_encode_of_the_same_images_and_one_at_a_
     from_tensor = t.encode(x, batch_size=batch_size)
     assert from_tensor.shape == (5, 16, 32) and not from_tensor.requires_grad
     torch.testing.assert_close(from_tensor, t.encode(images, batch_size=batch_size))
-    one_by_one = torch.cat([t.encode(x[i:i + 1]) for i in range(len(x))])
+    one_by_one = torch.cat([t.encode(x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(from_tensor, one_by_one)
     with torch.no_grad():
         torch.testing.assert_close(from_tensor, t(normalise(x, t.mean, t.std)))
@@ -191,8 +196,11 @@ def test_shipped_tiny_clip_loads_and_measures_what_its_card_says(shipped_clip_me
     card, r, probe, t = shipped_clip_measured
     assert t.layer == -2 and t.num_patches == 64
     # far above chance (1 in 100), and no worse than the numbers committed beside the weights
-    for way, key in (("captions", "retrieval"), ("scenes", "retrieval_scenes"),
-                     ("descriptions", "retrieval_descriptions")):
+    for way, key in (
+        ("captions", "retrieval"),
+        ("scenes", "retrieval_scenes"),
+        ("descriptions", "retrieval_descriptions"),
+    ):
         assert r[way]["r@1"] >= max(0.2, card[key]["r@1"] - 0.05), (way, r[way], card[key])
     assert probe["shape"]["accuracy"] >= card["probe_layer-2"]["shape"]["accuracy"] - 0.03, probe
     assert probe["colour"]["accuracy"] >= max(0.85, card["probe_layer-2"]["colour"]["accuracy"] - 0.03), probe
@@ -218,9 +226,12 @@ def test_shipped_tiny_clip_meets_the_retrieval_target(shipped_clip_measured):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped tiny CLIP's pooled colour probe is ~0.89 (the naive setup of "
-                                       "../shared/TINY_WORLD_FINDINGS.md found the colours present ~99%); strict, so "
-                                       "reaching 0.9 turns this into a failure that asks to drop the mark")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped tiny CLIP's pooled colour probe is ~0.89 (the naive setup of "
+    "../shared/TINY_WORLD_FINDINGS.md found the colours present ~99%); strict, so "
+    "reaching 0.9 turns this into a failure that asks to drop the mark",
+)
 def test_shipped_tiny_clip_pooled_features_tell_the_colours_present(shipped_clip_measured):
     _, _, probe, _ = shipped_clip_measured
     assert probe["colour"]["accuracy"] >= 0.9, probe

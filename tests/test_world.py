@@ -1,4 +1,5 @@
 """The shapes world: deterministic, disjoint, readable by COCO consumers, captions that tell the truth."""
+
 import hashlib
 import json
 import random
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_lite import coco, facts, world
+from llava_lite import facts, world
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
 
@@ -43,7 +44,7 @@ def test_scenes_have_one_to_six_objects_that_never_touch(small_world):
     assert counts == {1, 2, 3, 4, 5, 6}
     for s in scenes:
         for i, a in enumerate(s.shapes):
-            for b in s.shapes[i + 1:]:
+            for b in s.shapes[i + 1 :]:
                 apart = a.x + a.side < b.x or b.x + b.side < a.x or a.y + a.side < b.y or b.y + b.side < a.y
                 assert apart, f"scene {s.image_id}: {a} touches {b}"
 
@@ -111,14 +112,23 @@ def test_a_scene_redrawn_with_one_fact_changed_shows_that_change_only():
         for old, new in zip(scene.shapes, twin.shapes):
             if old.colour == new.colour:
                 assert new.tint == old.tint  # an unchanged colour keeps its drawn tint
-            changed_kinds.add("shape" if old.shape != new.shape else "colour" if old.colour != new.colour
-                              else "place" if old.x != new.x or old.y != new.y else "none")
+            changed_kinds.add(
+                "shape"
+                if old.shape != new.shape
+                else "colour"
+                if old.colour != new.colour
+                else "place"
+                if old.x != new.x or old.y != new.y
+                else "none"
+            )
         if twin != scene:
             assert world.render(twin).tobytes() != world.render(scene).tobytes()
     assert {"shape", "colour", "place"} <= changed_kinds
     n = len(scenes[0].shapes)
     with pytest.raises(ValueError, match=f"{n + 1} objects for {n} shapes"):
-        world.with_objects(scenes[0], scenes[0].objects() * 2 if n == 1 else scenes[0].objects() + scenes[0].objects()[:1], rng)
+        world.with_objects(
+            scenes[0], scenes[0].objects() * 2 if n == 1 else scenes[0].objects() + scenes[0].objects()[:1], rng
+        )
 
 
 def test_captions_are_varied_across_the_world():
@@ -142,8 +152,12 @@ def test_relations_stated_in_captions_hold_for_the_boxes():
                 left = left.removesuffix(" sits").removesuffix(" is")
                 a_name = " ".join(left.split()[-2:])
                 b_name = " ".join(right.split()[-2:])
-                ok = any(facts.holds(a, rel, b) for a in objs for b in objs
-                         if a is not b and a.name == a_name and b.name == b_name)
+                ok = any(
+                    facts.holds(a, rel, b)
+                    for a in objs
+                    for b in objs
+                    if a is not b and a.name == a_name and b.name == b_name
+                )
                 assert ok, f"scene {s.image_id}: {cap!r} does not hold"
                 checked += 1
     assert checked > 100

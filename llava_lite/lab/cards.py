@@ -5,6 +5,7 @@ The tiny LM's card (``data/pretrained/tiny-lm/README.md``) is kept by hand and s
 ``tiny_clip_card.md`` (:func:`clip_card`: the command, the settings, the measured numbers) beside
 ``loss.png`` (:func:`plot_log`); what led to a recipe goes in each folder's ``LAB.md``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,7 @@ def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> No
     train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_overall" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
-    windows = [loss[max(0, i - smooth + 1): i + 1] for i in range(len(loss))]
+    windows = [loss[max(0, i - smooth + 1) : i + 1] for i in range(len(loss))]
     a.plot(steps, loss, alpha=0.25, color="C0")
     a.plot(steps, [sum(w) / len(w) for w in windows], color="C0")
     a.set(xlabel="step", ylabel="training loss (answers + weighted text)", yscale="log", title="pretraining loss")
@@ -68,21 +69,30 @@ def plot_log(rows: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-RETRIEVAL_ROWS = {"retrieval_descriptions": "a description naming every object",
-                  "retrieval_scenes": "any of a scene's 5 world captions, all 500 of the group ranked",
-                  "retrieval": "one world caption per scene"}
+RETRIEVAL_ROWS = {
+    "retrieval_descriptions": "a description naming every object",
+    "retrieval_scenes": "any of a scene's 5 world captions, all 500 of the group ranked",
+    "retrieval": "one world caption per scene",
+}
 
 
 def _metric_rows(m: dict) -> tuple[str, str]:
     """The card's retrieval rows and per-patch probe rows (markdown table lines)."""
-    rows = "".join(f"| image->text recall@1 / @5, 1 of 100 scenes: {label} | {m[k]['r@1']:.3f} / {m[k]['r@5']:.3f} |\n"
-                   for k, label in RETRIEVAL_ROWS.items() if k in m)
+    rows = "".join(
+        f"| image->text recall@1 / @5, 1 of 100 scenes: {label} | {m[k]['r@1']:.3f} / {m[k]['r@5']:.3f} |\n"
+        for k, label in RETRIEVAL_ROWS.items()
+        if k in m
+    )
     if "caption_truth_oracle" in m:
         o = m["caption_truth_oracle"]
-        rows += (f"| the last row for a reader that knows which captions are true (at most; "
-                 f"{o['no_true_rival']:.0%} of its queries have no true rival) | {o['r@1']:.3f} |\n")
-    patches = "".join(f"| {a} of the object under one patch, layer -2 | {v['accuracy']:.3f} "
-                      f"(majority {v['majority']:.3f}) |\n" for a, v in m.get("patch_probe_layer-2", {}).items())
+        rows += (
+            f"| the last row for a reader that knows which captions are true (at most; "
+            f"{o['no_true_rival']:.0%} of its queries have no true rival) | {o['r@1']:.3f} |\n"
+        )
+    patches = "".join(
+        f"| {a} of the object under one patch, layer -2 | {v['accuracy']:.3f} (majority {v['majority']:.3f}) |\n"
+        for a, v in m.get("patch_probe_layer-2", {}).items()
+    )
     return rows, patches
 
 
@@ -92,20 +102,45 @@ def clip_card(arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining, 
     p2, p1 = m["probe_layer-2"], m["probe_layer-1"]
     retrieval_rows, patch_rows = _metric_rows(m)
     negatives = "; each description also scored against its counterfactual (one shape, colour or place changed)"
-    twins = ("; the counterfactual scene was also drawn and put in the batch with its description, so each true "
-             "text is a hard negative for its twin image")
-    init = (f" Training started from the tiny CLIP then in `{training.init}` (`LAB.md` has how that one was made), "
-            "not from random weights.")
+    twins = (
+        "; the counterfactual scene was also drawn and put in the batch with its description, so each true "
+        "text is a hard negative for its twin image"
+    )
+    init = (
+        f" Training started from the tiny CLIP then in `{training.init}` (`LAB.md` has how that one was made), "
+        "not from random weights."
+    )
     return CLIP_CARD.read_text(encoding="utf-8").format(
-        params_m=m["parameters"] / 1e6, image_size=arch.image_size, patch_size=arch.patch_size,
-        vision_width=arch.vision_width, vision_layers=arch.vision_layers, text_width=arch.text_width,
-        text_layers=arch.text_layers, command=command, seed=training.seed, steps=training.steps,
-        batch_size=training.batch_size, lr=training.lr, weight_decay=training.weight_decay,
-        warmup_steps=training.warmup_steps, bf16=training.bf16, describe_pct=int(texts.describe_prob * 100),
+        params_m=m["parameters"] / 1e6,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        vision_width=arch.vision_width,
+        vision_layers=arch.vision_layers,
+        text_width=arch.text_width,
+        text_layers=arch.text_layers,
+        command=command,
+        seed=training.seed,
+        steps=training.steps,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_steps,
+        bf16=training.bf16,
+        describe_pct=int(texts.describe_prob * 100),
         shape_pct=int(texts.shape_prob * 100),
         negatives=(negatives if texts.hard_negatives else "") + (twins if texts.counterfactual_images else ""),
-        init=init if training.init else "", train_min=m["train_seconds"] / 60, ms_per_step=m["ms_per_step"],
-        threads=m["threads"], total_min=m["total_seconds"] / 60, heldout_scenes=m["heldout_scenes"],
-        retrieval_rows=retrieval_rows, p2_shape=p2["shape"]["accuracy"], p2_shape_majority=p2["shape"]["majority"],
-        p2_colour=p2["colour"]["accuracy"], p2_colour_majority=p2["colour"]["majority"],
-        p1_shape=p1["shape"]["accuracy"], p1_colour=p1["colour"]["accuracy"], patch_rows=patch_rows)
+        init=init if training.init else "",
+        train_min=m["train_seconds"] / 60,
+        ms_per_step=m["ms_per_step"],
+        threads=m["threads"],
+        total_min=m["total_seconds"] / 60,
+        heldout_scenes=m["heldout_scenes"],
+        retrieval_rows=retrieval_rows,
+        p2_shape=p2["shape"]["accuracy"],
+        p2_shape_majority=p2["shape"]["majority"],
+        p2_colour=p2["colour"]["accuracy"],
+        p2_colour_majority=p2["colour"]["majority"],
+        p1_shape=p1["shape"]["accuracy"],
+        p1_colour=p1["colour"]["accuracy"],
+        patch_rows=patch_rows,
+    )

@@ -14,6 +14,7 @@ Beside them: ``README.md`` (command, seed, wall time, metrics), ``train_log.json
 ``loss.png`` and ``metrics.json``. The texts each image is paired with, and their hard
 negatives, are :mod:`llava_lite.lab.clip_texts`; the measures, :func:`llava_lite.retrieval.measure_clip`.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,12 +58,25 @@ def model_config(arch: ClipArchitecture, tokenizer) -> dict:
     """open_clip's ``model_cfg`` for the tiny CLIP (text pooled at the ``<eos>`` token)."""
     return {
         "embed_dim": arch.embed_dim,
-        "vision_cfg": {"image_size": arch.image_size, "patch_size": arch.patch_size, "width": arch.vision_width,
-                       "layers": arch.vision_layers, "head_width": arch.vision_head_width, "mlp_ratio": 4.0},
-        "text_cfg": {"context_length": arch.context_length, "vocab_size": len(tokenizer), "width": arch.text_width,
-                     "heads": arch.text_heads, "layers": arch.text_layers, "pool_type": "eos",
-                     "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
-                     "hf_tokenizer_name": "local tokenizer.json (word level)"},
+        "vision_cfg": {
+            "image_size": arch.image_size,
+            "patch_size": arch.patch_size,
+            "width": arch.vision_width,
+            "layers": arch.vision_layers,
+            "head_width": arch.vision_head_width,
+            "mlp_ratio": 4.0,
+        },
+        "text_cfg": {
+            "context_length": arch.context_length,
+            "vocab_size": len(tokenizer),
+            "width": arch.text_width,
+            "heads": arch.text_heads,
+            "layers": arch.text_layers,
+            "pool_type": "eos",
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "hf_tokenizer_name": "local tokenizer.json (word level)",
+        },
     }
 
 
@@ -75,8 +89,14 @@ def build_model(model_cfg: dict, init_temperature: float = 0.07) -> open_clip.CL
     return model
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor,
-                     neg: torch.Tensor | None = None, neg_ok: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    ids: torch.Tensor,
+    scale: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    neg_ok: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE over a batch; identical texts in a batch all count as right answers.
 
     ``neg`` ``[B, D]``: each image's own hard-negative text, one more wrong choice in its
@@ -104,10 +124,15 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------- data and files
 def load_split(world_dir: Path, split: str) -> tuple[torch.Tensor, list[list[str]], list[list[Obj]]]:
     """A world split as ``([N, 3, H, W]`` uint8 images, captions per image, objects per image)."""
-    contexts = coco.load_contexts(world_dir / "annotations" / f"instances_{split}.json",
-                                  world_dir / "annotations" / f"captions_{split}.json")
-    images = torch.stack([to_uint8(load_image(world_dir / split / c.file_name).convert("RGB"))
-                          for c in tqdm(contexts, desc=f"load {split}", unit="img")])
+    contexts = coco.load_contexts(
+        world_dir / "annotations" / f"instances_{split}.json", world_dir / "annotations" / f"captions_{split}.json"
+    )
+    images = torch.stack(
+        [
+            to_uint8(load_image(world_dir / split / c.file_name).convert("RGB"))
+            for c in tqdm(contexts, desc=f"load {split}", unit="img")
+        ]
+    )
     return images, [c.captions for c in contexts], [c.objects for c in contexts]
 
 
@@ -118,11 +143,14 @@ def pretrain_scenes(world_cfg: WorldConfig, objs: list[list[Obj]]) -> list[Scene
     tol = 0.5 / world_cfg.image_size
     for i, (scene, want) in enumerate(zip(scenes, objs)):
         got = scene.objects()
-        if len(got) != len(want) or any(a.name != b.name or max(abs(x - y) for x, y in zip(a.box, b.box)) > tol
-                                        for a, b in zip(got, want)):
-            raise ValueError(f"pretrain scene #{i} (image {scene.image_id}) on disk is not the one the world config "
-                             f"draws (expected {[o.name for o in got]}, found {[o.name for o in want]}): regenerate "
-                             "the world with this preset, or pass --world for the folder made with it")
+        if len(got) != len(want) or any(
+            a.name != b.name or max(abs(x - y) for x, y in zip(a.box, b.box)) > tol for a, b in zip(got, want)
+        ):
+            raise ValueError(
+                f"pretrain scene #{i} (image {scene.image_id}) on disk is not the one the world config "
+                f"draws (expected {[o.name for o in got]}, found {[o.name for o in want]}): regenerate "
+                "the world with this preset, or pass --world for the folder made with it"
+            )
     if len(scenes) != len(objs):
         raise ValueError(f"the world config draws {len(scenes)} pretrain scenes, the folder has {len(objs)}")
     return scenes
@@ -136,9 +164,11 @@ def load_init(model, mcfg: dict, tokenizer, folder: Path) -> None:
         raise ValueError(f"{folder}/open_clip_config.json: another architecture (saved, wanted): {diff}")
     vocab = io.read_json(folder / "tokenizer.json")["model"]["vocab"]
     if vocab != tokenizer.get_vocab():
-        raise ValueError(f"{folder}/tokenizer.json: its vocabulary differs from this run's texts' "
-                         f"({len(vocab)} vs {len(tokenizer.get_vocab())} words); "
-                         "start from a model trained on this world")
+        raise ValueError(
+            f"{folder}/tokenizer.json: its vocabulary differs from this run's texts' "
+            f"({len(vocab)} vs {len(tokenizer.get_vocab())} words); "
+            "start from a model trained on this world"
+        )
     model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
     log.info("starting from %s", folder)
 
@@ -158,21 +188,27 @@ def save(model, mcfg: dict, tokenizer, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- training
-def _with_twins(batch_u8: torch.Tensor, tb: TextBatch, idx: torch.Tensor, scenes: list, bank: TextBank,
-                seed: str) -> tuple[torch.Tensor, TextBatch]:
+def _with_twins(
+    batch_u8: torch.Tensor, tb: TextBatch, idx: torch.Tensor, scenes: list, bank: TextBank, seed: str
+) -> tuple[torch.Tensor, TextBatch]:
     """The batch with each valid counterfactual scene drawn and added as a pair of its own (its
     image with its text): each true text is then a hard negative for its twin image, and each
     twin text for the true image. ``[B, 3, H, W]`` -> ``[B + twins, 3, H, W]``."""
     sel = tb.neg_ok.nonzero().squeeze(1).tolist()
-    twins = [with_objects(scenes[idx[j]], bank.changed_objects(idx[j], bool(tb.is_desc[j]), tb.k[j]),
-                                random.Random(f"{seed}:{j}")) for j in sel]
+    twins = [
+        with_objects(
+            scenes[idx[j]], bank.changed_objects(idx[j], bool(tb.is_desc[j]), tb.k[j]), random.Random(f"{seed}:{j}")
+        )
+        for j in sel
+    ]
     batch_u8 = torch.cat([batch_u8, torch.stack([to_uint8(render(t).convert("RGB")) for t in twins])])
     ids = torch.cat([tb.ids, tb.neg_ids[sel]])
     return batch_u8, tb._replace(ids=ids, neg_ok=torch.zeros_like(tb.neg_ok))  # the twins' texts are in the batch
 
 
-def _train_step(model, opt, batch_u8: torch.Tensor, tb: TextBatch, lr: float, hard_negatives: bool,
-                bf16: bool) -> float:
+def _train_step(
+    model, opt, batch_u8: torch.Tensor, tb: TextBatch, lr: float, hard_negatives: bool, bf16: bool
+) -> float:
     """One optimiser step of the contrastive loss (with each valid hard negative); returns the loss."""
     for g in opt.param_groups:
         g["lr"] = lr
@@ -185,8 +221,9 @@ def _train_step(model, opt, batch_u8: torch.Tensor, tb: TextBatch, lr: float, ha
         neg = encode_text(model, neg_ids[neg_ok]) if hard_negatives and neg_ok.any() else None  # [b', D]
     if neg is not None:
         neg = torch.zeros_like(txt, dtype=neg.dtype).index_put((neg_ok.nonzero().squeeze(1),), neg)  # [B, D]
-    loss = contrastive_loss(img.float(), txt.float(), ids, model.logit_scale.exp(),
-                            None if neg is None else neg.float(), neg_ok)
+    loss = contrastive_loss(
+        img.float(), txt.float(), ids, model.logit_scale.exp(), None if neg is None else neg.float(), neg_ok
+    )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -195,8 +232,17 @@ def _train_step(model, opt, batch_u8: torch.Tensor, tb: TextBatch, lr: float, ha
     return loss.item()
 
 
-def train(arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining, runtime: ClipRuntime,
-          world_cfg: WorldConfig, world_dir: Path, out: Path, command: str = "", data=None) -> dict:
+def train(
+    arch: ClipArchitecture,
+    texts: ClipTexts,
+    training: ClipTraining,
+    runtime: ClipRuntime,
+    world_cfg: WorldConfig,
+    world_dir: Path,
+    out: Path,
+    command: str = "",
+    data=None,
+) -> dict:
     """Train on ``world_dir``'s pretrain split (drawn by ``world_cfg``) and write the shipped folder
     ``out``. ``data``: the split as :func:`load_split` returns it, if already in memory."""
     dev = training_device(runtime.device)  # before any loading: a missing GPU fails at once
@@ -224,15 +270,19 @@ def train(arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining, runt
     for step in (bar := tqdm(range(training.steps), desc="tiny CLIP", unit="step")):
         if pos + training.batch_size > n:  # a new epoch
             order, pos = torch.randperm(n, generator=gen), 0
-        idx, pos = order[pos:pos + training.batch_size], pos + training.batch_size  # [B]
+        idx, pos = order[pos : pos + training.batch_size], pos + training.batch_size  # [B]
         tb, batch_u8 = bank.draw(idx, gen, texts), images[idx]
         if scenes is not None and tb.neg_ok.any():
             batch_u8, tb = _with_twins(batch_u8, tb, idx, scenes, bank, f"{training.seed}:{step}")
         lr = training.lr * lr_factor(step, training.steps, training.warmup_steps)
         loss = _train_step(model, opt, batch_u8, tb, lr, texts.hard_negatives, training.bf16)
-        row = {"step": step + 1, "loss": round(loss, 4), "lr": opt.param_groups[0]["lr"],
-               "temperature": round(1 / model.logit_scale.exp().item(), 4),
-               "elapsed_s": round(time.time() - t_train, 1)}
+        row = {
+            "step": step + 1,
+            "loss": round(loss, 4),
+            "lr": opt.param_groups[0]["lr"],
+            "temperature": round(1 / model.logit_scale.exp().item(), 4),
+            "elapsed_s": round(time.time() - t_train, 1),
+        }
         if (step + 1) % runtime.eval_every == 0 or step + 1 == training.steps:
             r = clip_retrieval(model, lambda t: tokenize(bank.tokenizer, t, arch.context_length), ev_images, ev_caps)
             row.update({"eval_r@1": round(r["r@1"], 4), "eval_r@5": round(r["r@5"], 4)})
@@ -243,11 +293,16 @@ def train(arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining, runt
 
     save(model.cpu().eval(), mcfg, bank.tokenizer, out)
     metrics = measure_clip(out, world_cfg, runtime.metric_scenes)
-    metrics.update({"parameters": n_params, "train_seconds": round(train_s, 1),
-                    "ms_per_step": round(1000 * train_s / training.steps, 1),
-                    "total_seconds": round(time.time() - t_start, 1),
-                    "config": {**flat(arch, texts, training, runtime), "world": asdict(world_cfg)},
-                    "threads": torch.get_num_threads()})
+    metrics.update(
+        {
+            "parameters": n_params,
+            "train_seconds": round(train_s, 1),
+            "ms_per_step": round(1000 * train_s / training.steps, 1),
+            "total_seconds": round(time.time() - t_start, 1),
+            "config": {**flat(arch, texts, training, runtime), "world": asdict(world_cfg)},
+            "threads": torch.get_num_threads(),
+        }
+    )
     io.write_json(out / "metrics.json", metrics, indent=2)
     io.write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     plot_log(rows, out / "loss.png")
@@ -255,9 +310,16 @@ def train(arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining, runt
     return metrics
 
 
-def train_and_report(out: str | Path, arch: ClipArchitecture, texts: ClipTexts, training: ClipTraining,
-                     runtime: ClipRuntime, preset: str = "tiny", world: str | Path | None = None,
-                     command: str = "") -> dict:
+def train_and_report(
+    out: str | Path,
+    arch: ClipArchitecture,
+    texts: ClipTexts,
+    training: ClipTraining,
+    runtime: ClipRuntime,
+    preset: str = "tiny",
+    world: str | Path | None = None,
+    command: str = "",
+) -> dict:
     """The recipe behind ``llava-lite backbones clip``: the preset's world (generated in ``world``,
     default ``outputs/<preset>/world``, when missing), then :func:`train` into ``out``, whose card
     records ``command``."""

@@ -11,6 +11,7 @@ fact changed (:func:`counterfactual`): scored as a hard negative, it is a text o
 that sees that very fact can tell from the right one. :class:`TextBank` draws every image's
 texts once, builds the word-level tokenizer over them and draws each batch's texts from them.
 """
+
 from __future__ import annotations
 
 import random
@@ -82,8 +83,9 @@ class TextBank:
         self.shape_pairs = [[description_pair(o, rng, colours=False) for _ in range(N_DESCRIPTIONS)] for o in objects]
         descs, neg_descs = ([[p[j] for p in ps] for ps in self.pairs] for j in (0, 1))
         shapes, neg_shapes = ([[p[j] for p in ps] for ps in self.shape_pairs] for j in (0, 1))
-        self.tokenizer = build_tokenizer([t for c in captions for t in c] +
-                                         [t for d in descs + shapes + neg_descs + neg_shapes for t in d])
+        self.tokenizer = build_tokenizer(
+            [t for c in captions for t in c] + [t for d in descs + shapes + neg_descs + neg_shapes for t in d]
+        )
 
         def ids(texts: list[list[str]]) -> torch.Tensor:  # per image a list of texts -> [N, K, L]
             return tokenize(self.tokenizer, [t for ts in texts for t in ts], context_length).view(n, len(texts[0]), -1)
@@ -100,8 +102,11 @@ class TextBank:
         k = torch.randint(N_DESCRIPTIONS, (b,), generator=gen)  # which description (and its counterfactual)
         caption = torch.randint(N_CAPTIONS, (b,), generator=gen)
         is_desc, described = u < texts.describe_prob, u < texts.describe_prob + texts.shape_prob  # [B, 1]
-        ids = torch.where(is_desc, self.descriptions[idx, k],
-                          torch.where(described, self.shape_only[idx, k], self.captions[idx, caption]))  # [B, L]
+        ids = torch.where(
+            is_desc,
+            self.descriptions[idx, k],
+            torch.where(described, self.shape_only[idx, k], self.captions[idx, caption]),
+        )  # [B, L]
         neg_ids = torch.where(is_desc, self.neg_descriptions[idx, k], self.neg_shape_only[idx, k])  # [B, L]
         neg_ok = described.squeeze(1) & (neg_ids != ids).any(1)  # [B]
         return TextBatch(ids, neg_ids, neg_ok, is_desc, k)

@@ -7,6 +7,7 @@ The field names are the command line's flags (``lm_hidden`` is ``--lm-hidden``),
 ``metrics.json`` records every field under ``config``. The world a backbone is trained on is a
 :class:`~llava_lite.config.WorldConfig` of its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -42,8 +43,10 @@ class LMDocuments:
 
     def __post_init__(self):
         if self.layout not in LM_LAYOUTS:
-            raise ValueError(f"layout {self.layout!r}: the tiny LM pretrains on {LM_LAYOUTS} "
-                             "(the other layouts' experiments are in the tiny LM's LAB.md)")
+            raise ValueError(
+                f"layout {self.layout!r}: the tiny LM pretrains on {LM_LAYOUTS} "
+                "(the other layouts' experiments are in the tiny LM's LAB.md)"
+            )
 
 
 @dataclass
@@ -58,7 +61,7 @@ class LMTraining:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr, or "wsd" (hold lr, then a cosine
-    decay_share: float = 0.3     # to min_lr over this last share of the steps)
+    decay_share: float = 0.3  # to min_lr over this last share of the steps)
     bf16: bool = True
     seed: int = 0
 

@@ -15,6 +15,7 @@ ones with a small weight.
 :class:`DocStream` gives step ``s`` the same batch however the run got there (resumed, or built
 ahead in background processes by :func:`stream_batches`), so a stopped run continues exactly.
 """
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,24 @@ from .config import LMDocuments
 CAPTION_PROMPT = "Describe the image briefly."
 
 # the words that say what a question asks (two phrasings of one question share them)
-_CONTENT = {"red", "orange", "yellow", "green", "blue", "purple", "circle", "square", "triangle", "circles",
-            "squares", "triangles", "shape", "shapes", "object", "objects"}
+_CONTENT = {
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "circle",
+    "square",
+    "triangle",
+    "circles",
+    "squares",
+    "triangles",
+    "shape",
+    "shapes",
+    "object",
+    "objects",
+}
 
 
 def content_key(qa: ExactQA) -> tuple:
@@ -55,8 +72,13 @@ def scene_questions(ctx: SymbolicContext, rng: random.Random, n: int) -> list[Ex
     return out
 
 
-def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, qa_per_doc: int = 8,
-                      caption_share: float = 0.05, layout: str = "sized") -> list[list[dict]]:
+def reading_documents(
+    contexts: Sequence[SymbolicContext],
+    rng: random.Random,
+    qa_per_doc: int = 8,
+    caption_share: float = 0.05,
+    layout: str = "sized",
+) -> list[list[dict]]:
     """One document of LLaVA turns per context: the scene as text, then ``qa_per_doc`` questions
     and their answers (the first question shares the first human turn with the scene). A
     ``caption_share`` of documents instead asks for a caption and gets one of the scene's."""
@@ -64,8 +86,12 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
     for ctx in contexts:
         scene = reading_context(ctx, layout, rng)
         if ctx.captions and rng.random() < caption_share:
-            docs.append([{"from": "human", "value": f"{scene}\n{CAPTION_PROMPT}"},
-                         {"from": "gpt", "value": rng.choice(ctx.captions)}])
+            docs.append(
+                [
+                    {"from": "human", "value": f"{scene}\n{CAPTION_PROMPT}"},
+                    {"from": "gpt", "value": rng.choice(ctx.captions)},
+                ]
+            )
             continue
         qas = scene_questions(ctx, rng, qa_per_doc)
         if not qas:
@@ -78,8 +104,9 @@ def reading_documents(contexts: Sequence[SymbolicContext], rng: random.Random, q
     return docs
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int,
-            multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(
+    pairs: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``[B, T]`` ids and labels (padding is -100 in labels), ``T`` a multiple of
     ``multiple`` (few distinct shapes keep the CPU kernels' caches small). Causal attention never
     looks right, so right padding needs no attention mask."""
@@ -103,8 +130,15 @@ class DocStream:
     """Deterministic batches: step ``s`` always gets the same documents (so a resumed run sees
     the same data). ``docs.length_group`` batches are drawn together and sorted by length."""
 
-    def __init__(self, contexts: Sequence[SymbolicContext], template: Template, docs: LMDocuments,
-                 batch_size: int, seed: int, pad_id: int):
+    def __init__(
+        self,
+        contexts: Sequence[SymbolicContext],
+        template: Template,
+        docs: LMDocuments,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+    ):
         self.contexts, self.template, self.docs = contexts, template, docs
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self._group, self._cached = None, None
@@ -120,8 +154,10 @@ class DocStream:
         encoded = [self.template.encode(doc) for doc in docs[:n]]
         # token weights: a reading document weighs its answers only; a text_share of them is read
         # as plain text (every token predicted, non-answers with text_weight)
-        weighted = [as_text_document((e.input_ids, e.labels), d.text_weight if rng.random() < d.text_share else 0.0)
-                    for e in encoded]
+        weighted = [
+            as_text_document((e.input_ids, e.labels), d.text_weight if rng.random() < d.text_share else 0.0)
+            for e in encoded
+        ]
         return sorted(weighted, key=lambda p: len(p[0]))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +165,7 @@ class DocStream:
         g, k = divmod(step, self.docs.length_group)
         if self._group != g:
             self._group, self._cached = g, self._draw_group(g)
-        chunk = self._cached[k * self.batch_size: (k + 1) * self.batch_size]
+        chunk = self._cached[k * self.batch_size : (k + 1) * self.batch_size]
         ids, _ = collate([(i, [0] * len(i)) for i, _ in chunk], self.pad_id)  # [B, T]
         weights = torch.zeros(ids.shape)
         for b, (_, w) in enumerate(chunk):
@@ -151,8 +187,9 @@ class _Groups(torch.utils.data.Dataset):
         return [self.stream.batch((self.first + i) * n + k) for k in range(n)]
 
 
-def stream_batches(stream: DocStream, start: int, steps: int,
-                   workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    stream: DocStream, start: int, steps: int, workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``stream.batch(s)`` for ``s`` in ``start .. steps - 1``, built in order in the loop or, with
     ``workers`` > 0, a group of batches at a time in that many background processes (the same
     batches: each step's documents depend on its step alone)."""
@@ -162,8 +199,9 @@ def stream_batches(stream: DocStream, start: int, steps: int,
         return
     n = stream.docs.length_group
     first, last = start // n, -(-steps // n)
-    loader = torch.utils.data.DataLoader(_Groups(stream, first, last), batch_size=None, num_workers=workers,
-                                         prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        _Groups(stream, first, last), batch_size=None, num_workers=workers, prefetch_factor=4
+    )
     s = first * n
     for group in loader:
         for b in group:

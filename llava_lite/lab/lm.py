@@ -7,6 +7,7 @@ one AdamW loop, resumable from ``checkpoint.pt`` at the very step it stopped;
 GPT-4 row) and :func:`heldout_perplexity` measures its answers' loss. :func:`train_and_report` is
 the whole recipe behind ``llava-lite backbones lm`` and the card in ``data/pretrained/tiny-lm/``.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,17 @@ log = logging.getLogger(__name__)
 def build_model(arch: LMArchitecture, tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised Llama of ``arch`` over ``tokenizer``'s vocabulary (tied embeddings)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=arch.lm_hidden, intermediate_size=arch.lm_intermediate,
-        num_hidden_layers=arch.lm_layers, num_attention_heads=arch.lm_heads, num_key_value_heads=arch.lm_heads,
-        max_position_embeddings=arch.lm_max_positions, rope_theta=arch.lm_rope_theta, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=arch.lm_hidden,
+        intermediate_size=arch.lm_intermediate,
+        num_hidden_layers=arch.lm_layers,
+        num_attention_heads=arch.lm_heads,
+        num_key_value_heads=arch.lm_heads,
+        max_position_embeddings=arch.lm_max_positions,
+        rope_theta=arch.lm_rope_theta,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(END),
     )
     torch.manual_seed(seed)
@@ -68,8 +76,9 @@ def load_tiny_lm(path: str | Path):
 
 
 # ------------------------------------------------------------------ measures
-def eval_questions(contexts: Sequence[SymbolicContext], per_scene: int = 6,
-                   seed: int = 1234) -> list[tuple[SymbolicContext, ExactQA]]:
+def eval_questions(
+    contexts: Sequence[SymbolicContext], per_scene: int = 6, seed: int = 1234
+) -> list[tuple[SymbolicContext, ExactQA]]:
     """A fixed list of ``(context, ExactQA)``: ``per_scene`` questions per scene, seeded by its id."""
     out = []
     for ctx in contexts:
@@ -78,28 +87,46 @@ def eval_questions(contexts: Sequence[SymbolicContext], per_scene: int = 6,
     return out
 
 
-def text_only_accuracy(model, tokenizer, contexts: Sequence[SymbolicContext], per_scene: int = 6,
-                       batch_size: int = 64, max_new_tokens: int = 4, seed: int = 1234,
-                       progress: bool = False) -> dict:
+def text_only_accuracy(
+    model,
+    tokenizer,
+    contexts: Sequence[SymbolicContext],
+    per_scene: int = 6,
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+    seed: int = 1234,
+    progress: bool = False,
+) -> dict:
     """Exact-answer accuracy from the scene as text alone (in the layout the tokenizer records),
     greedy. Returns :func:`llava_lite.evaluate.score`'s overall, per-type accuracy, counts and
     most-common-answer baseline, plus the number of ``scenes`` and five ``examples``."""
     asked = eval_questions(contexts, per_scene, seed)
-    items = [Item(f"{c.image_id}/{k}", c.file_name, qa.qtype, qa.question, qa.answer)
-             for k, (c, qa) in enumerate(asked)]
+    items = [
+        Item(f"{c.image_id}/{k}", c.file_name, qa.qtype, qa.question, qa.answer) for k, (c, qa) in enumerate(asked)
+    ]
     by_file = {c.file_name: c for c in contexts}
-    replies = ask_reader(model, get_template("roles", tokenizer), tokenizer, items, by_file, batch_size,
-                         max_new_tokens, progress)
+    replies = ask_reader(
+        model, get_template("roles", tokenizer), tokenizer, items, by_file, batch_size, max_new_tokens, progress
+    )
     result = score(records(items, replies))
     layout = reading_layout(tokenizer)
-    examples = [{"context": reading_context(c, layout), "question": qa.question, "answer": qa.answer, "reply": r}
-                for (c, qa), r in list(zip(asked, replies))[:5]]
+    examples = [
+        {"context": reading_context(c, layout), "question": qa.question, "answer": qa.answer, "reply": r}
+        for (c, qa), r in list(zip(asked, replies))[:5]
+    ]
     return {**result, "scenes": len(contexts), "examples": examples}
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokenizer, contexts: Sequence[SymbolicContext], qa_per_doc: int = 8,
-                       caption_share: float = 0.05, batch_size: int = 32, seed: int = 1234) -> float:
+def heldout_perplexity(
+    model,
+    tokenizer,
+    contexts: Sequence[SymbolicContext],
+    qa_per_doc: int = 8,
+    caption_share: float = 0.05,
+    batch_size: int = 32,
+    seed: int = 1234,
+) -> float:
     """``exp`` of the mean loss per supervised token (answers, captions and their ``<|end|>``) on
     reading documents of held-out scenes, in the layout the tokenizer records."""
     template = get_template("roles", tokenizer)
@@ -108,8 +135,9 @@ def heldout_perplexity(model, tokenizer, contexts: Sequence[SymbolicContext], qa
     total, count = 0.0, 0
     with evaluating(model):
         for s in range(0, len(encoded), batch_size):
-            ids, labels = collate([(e.input_ids, e.labels) for e in encoded[s: s + batch_size]],
-                                  tokenizer.pad_token_id)  # [B, T]
+            ids, labels = collate(
+                [(e.input_ids, e.labels) for e in encoded[s : s + batch_size]], tokenizer.pad_token_id
+            )  # [B, T]
             ids, labels = ids.to(model.device), labels.to(model.device)
             total += token_loss(model(input_ids=ids).logits, labels, reduction="sum").item()
             count += int((labels[:, 1:] != IGNORE).sum())
@@ -139,8 +167,11 @@ def _optimizer(model, t: LMTraining) -> torch.optim.AdamW:
     """AdamW, weight decay on the matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(0.9, 0.95),
+    )
 
 
 def _resume(ckpt: Path, model, opt, learned: dict, dev) -> tuple[int, float]:
@@ -164,8 +195,16 @@ def _resume(ckpt: Path, model, opt, learned: dict, dev) -> tuple[int, float]:
 
 def _save_checkpoint(ckpt: Path, model, opt, step: int, elapsed: float, learned: dict) -> None:
     with io.atomic_path(ckpt) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "learned": learned}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "learned": learned,
+            },
+            tmp,
+        )
 
 
 def _keep_log(path: Path, step: int) -> None:
@@ -176,8 +215,12 @@ def _keep_log(path: Path, step: int) -> None:
 
 
 def _eval_row(step: int, seconds: float, m: dict) -> dict:
-    return {"step": step, "seconds": round(seconds, 2), "eval_overall": round(m["overall"], 4),
-            **{f"eval_{k}": round(v, 4) for k, v in m["accuracy"].items()}}
+    return {
+        "step": step,
+        "seconds": round(seconds, 2),
+        "eval_overall": round(m["overall"], 4),
+        **{f"eval_{k}": round(v, 4) for k, v in m["accuracy"].items()},
+    }
 
 
 def _train_step(model, opt, ids: torch.Tensor, weights: torch.Tensor, lr: float, t: LMTraining) -> float:
@@ -193,9 +236,18 @@ def _train_step(model, opt, ids: torch.Tensor, weights: torch.Tensor, lr: float,
     return loss.item()
 
 
-def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicContext], out: str | Path,
-                arch: LMArchitecture, docs: LMDocuments, training: LMTraining, runtime: LMRuntime,
-                tokenizer=None, progress: bool = True, on_eval: Callable[[int, dict], None] | None = None):
+def pretrain_lm(
+    pretrain: Sequence[SymbolicContext],
+    val: Sequence[SymbolicContext],
+    out: str | Path,
+    arch: LMArchitecture,
+    docs: LMDocuments,
+    training: LMTraining,
+    runtime: LMRuntime,
+    tokenizer=None,
+    progress: bool = True,
+    on_eval: Callable[[int, dict], None] | None = None,
+):
     """Pretrain the tiny LM on reading documents of ``pretrain`` scenes; score it on ``val``.
 
     Writes to ``out``: ``log.jsonl`` (one line per step: loss, lr, tokens, seconds; eval lines with
@@ -213,21 +265,31 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     opt = _optimizer(model, training)
     learned, ckpt, log_path = flat(arch, docs, training), out / "checkpoint.pt", out / "log.jsonl"
     start, elapsed = _resume(ckpt, model, opt, learned, dev)
-    stream = DocStream(pretrain, get_template("roles", tokenizer), docs, training.batch_size, training.seed,
-                       tokenizer.pad_token_id)
+    stream = DocStream(
+        pretrain, get_template("roles", tokenizer), docs, training.batch_size, training.seed, tokenizer.pad_token_id
+    )
     _keep_log(log_path, start)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny LM: %.2fM parameters, %d steps of %d documents", n_params / 1e6, training.steps, training.batch_size)
     model.train()
-    bar = tqdm(range(start, training.steps), desc="pretrain LM", disable=not progress, initial=start,
-               total=training.steps)
+    bar = tqdm(
+        range(start, training.steps), desc="pretrain LM", disable=not progress, initial=start, total=training.steps
+    )
     t0 = time.perf_counter() - elapsed
     with jsonl.open_for_append(log_path) as logf:
         for step, (ids, weights) in zip(bar, stream_batches(stream, start, training.steps, runtime.workers)):
             ids, weights = ids.to(dev, non_blocking=True), weights.to(dev, non_blocking=True)  # [B, T]
             loss = _train_step(model, opt, ids, weights, lr_at(step, training), training)
-            jsonl.append(logf, {"step": step + 1, "loss": round(loss, 5), "lr": round(opt.param_groups[0]["lr"], 7),
-                                "tokens": ids.numel(), "seconds": round(time.perf_counter() - t0, 2)})
+            jsonl.append(
+                logf,
+                {
+                    "step": step + 1,
+                    "loss": round(loss, 5),
+                    "lr": round(opt.param_groups[0]["lr"], 7),
+                    "tokens": ids.numel(),
+                    "seconds": round(time.perf_counter() - t0, 2),
+                },
+            )
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
             if runtime.checkpoint_every and done % runtime.checkpoint_every == 0 and done < training.steps:
@@ -242,8 +304,12 @@ def pretrain_lm(pretrain: Sequence[SymbolicContext], val: Sequence[SymbolicConte
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    metrics = {"parameters": n_params, "steps": training.steps, "train_seconds": round(time.perf_counter() - t0, 1),
-               "config": flat(arch, docs, training, runtime)}
+    metrics = {
+        "parameters": n_params,
+        "steps": training.steps,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "config": flat(arch, docs, training, runtime),
+    }
     io.write_json(out / "metrics.json", metrics, indent=2)
     ckpt.unlink(missing_ok=True)
     return model, tokenizer, metrics
@@ -259,9 +325,17 @@ def world_contexts(world_dir: Path, split: str) -> list[SymbolicContext]:
     return load_contexts(inst, caps)
 
 
-def train_and_report(out: str | Path, arch: LMArchitecture, docs: LMDocuments, training: LMTraining,
-                     runtime: LMRuntime, world: str | Path | None = None, preset: str = "tiny",
-                     eval_split: str = "test", progress: bool = True) -> dict:
+def train_and_report(
+    out: str | Path,
+    arch: LMArchitecture,
+    docs: LMDocuments,
+    training: LMTraining,
+    runtime: LMRuntime,
+    world: str | Path | None = None,
+    preset: str = "tiny",
+    eval_split: str = "test",
+    progress: bool = True,
+) -> dict:
     """The whole recipe behind the shipped LM: the world's ``pretrain`` split (the preset's world,
     generated if missing), tokenizer, pretraining, then text-only accuracy and perplexity on
     ``eval_split``, written to ``out/metrics.json`` with a training plot."""
@@ -274,10 +348,17 @@ def train_and_report(out: str | Path, arch: LMArchitecture, docs: LMDocuments, t
     heldout = world_contexts(world_dir, eval_split)
     model, tokenizer, metrics = pretrain_lm(pretrain, val, out, arch, docs, training, runtime, progress=progress)
     acc = text_only_accuracy(model, tokenizer, heldout, progress=progress)
-    metrics.update({"eval_split": eval_split, "text_only": acc,
-                    "perplexity": heldout_perplexity(model, tokenizer, heldout)})
+    metrics.update(
+        {"eval_split": eval_split, "text_only": acc, "perplexity": heldout_perplexity(model, tokenizer, heldout)}
+    )
     io.write_json(out / "metrics.json", metrics, indent=2)
     plot_training(out / "log.jsonl", out / "training.png")
-    log.info("text-only accuracy on %d %s scenes: %.3f overall; %s; perplexity %.3f", len(heldout), eval_split,
-             acc["overall"], ", ".join(f"{k} {v:.3f}" for k, v in acc["accuracy"].items()), metrics["perplexity"])
+    log.info(
+        "text-only accuracy on %d %s scenes: %.3f overall; %s; perplexity %.3f",
+        len(heldout),
+        eval_split,
+        acc["overall"],
+        ", ".join(f"{k} {v:.3f}" for k, v in acc["accuracy"].items()),
+        metrics["perplexity"],
+    )
     return metrics

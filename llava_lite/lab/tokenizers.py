@@ -8,6 +8,7 @@ template writes the role tokens of :mod:`llava_lite.conversation`'s ``roles`` te
 The tiny CLIP's text is the world's ~80 words, so its tokenizer is one id per lower-cased word,
 with ``<eos>`` after each text (where open_clip pools the text embedding).
 """
+
 from __future__ import annotations
 
 import random
@@ -28,9 +29,15 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", IMAGE_TOKEN, USER, ASSISTANT, END)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}" + END +
-    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}" + END +
-    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% elif message['role'] == 'user' %}"
+    + USER
+    + "{{ message['content'] }}"
+    + END
+    + "{% elif message['role'] == 'assistant' %}"
+    + ASSISTANT
+    + "{{ message['content'] }}"
+    + END
+    + "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
 )
@@ -52,22 +59,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     """
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", "\n "), normalizers.Prepend(" ")])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=[IMAGE_TOKEN, USER, ASSISTANT, END])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=[IMAGE_TOKEN, USER, ASSISTANT, END],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0,
-                     questions_per_scene: int = 6) -> Iterable[str]:
+def tokenizer_corpus(contexts: Sequence[SymbolicContext], seed: int = 0, questions_per_scene: int = 6) -> Iterable[str]:
     """The text the BPE learns from: each scene in both layouts, its captions, and questions
     and answers about it."""
     rng = random.Random(seed)
@@ -94,5 +112,6 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 def tokenize(tokenizer, texts: list[str], context_length: int) -> torch.Tensor:
     """``[N, context_length]`` ids, padded and truncated as open_clip's HFTokenizer does."""
-    return tokenizer(texts, return_tensors="pt", max_length=context_length, padding="max_length",
-                     truncation=True).input_ids
+    return tokenizer(
+        texts, return_tensors="pt", max_length=context_length, padding="max_length", truncation=True
+    ).input_ids

@@ -17,6 +17,7 @@ Resume policy, explicit:
 Samples and failures are flushed line by line, so a run stopped at any moment (Ctrl-C, a kill,
 a crash) loses at most the requests in flight.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,10 +26,10 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -36,7 +37,7 @@ from .. import jsonl
 from ..coco import SymbolicContext
 from ..config import TeacherConfig
 from ..paths import PROMPTS_DIR
-from .endpoint import ChatEndpoint, EndpointError, RejectedRequest
+from .endpoint import ChatEndpoint, RejectedRequest
 from .prompts import RESPONSE_TYPES, PromptSet, load_prompts
 from .replies import IMAGE_TOKEN, MalformedReply, parse_reply
 
@@ -61,12 +62,15 @@ class ChatStats:
 
     def summary(self) -> str:
         retried = ", ".join(f"{k}: {v}" for k, v in sorted(self.retried.items())) or "none"
-        return (f"{self.units} units ({self.already_done} done before, {self.already_failed} failed before); "
-                f"this run: {self.samples} samples, {self.failures} failures, "
-                f"{self.malformed_replies} malformed replies; {self.requests} requests "
-                f"(retries {retried}); tokens: {self.prompt_tokens} prompt + {self.completion_tokens} "
-                f"completion" + (f" ({self.without_usage} replies without usage)" if self.without_usage else "")
-                + f"; {self.seconds:.1f}s")
+        return (
+            f"{self.units} units ({self.already_done} done before, {self.already_failed} failed before); "
+            f"this run: {self.samples} samples, {self.failures} failures, "
+            f"{self.malformed_replies} malformed replies; {self.requests} requests "
+            f"(retries {retried}); tokens: {self.prompt_tokens} prompt + {self.completion_tokens} "
+            f"completion"
+            + (f" ({self.without_usage} replies without usage)" if self.without_usage else "")
+            + f"; {self.seconds:.1f}s"
+        )
 
 
 def sample_id(image_id: int | str, rtype: str) -> str:
@@ -78,8 +82,9 @@ def failures_path_for(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.stem + ".failures.jsonl")
 
 
-def to_sample(ctx: SymbolicContext, rtype: str, parsed: list[tuple[str, str]] | str,
-              prompts: PromptSet, image: str, seed: int) -> dict:
+def to_sample(
+    ctx: SymbolicContext, rtype: str, parsed: list[tuple[str, str]] | str, prompts: PromptSet, image: str, seed: int
+) -> dict:
     """A LLaVA-format sample; ``<image>`` opens the first human turn."""
     sid = sample_id(ctx.image_id, rtype)
     if rtype == "detail":
@@ -97,8 +102,9 @@ def to_sample(ctx: SymbolicContext, rtype: str, parsed: list[tuple[str, str]] | 
 class _Job:
     """What every worker thread shares: the endpoint, the prompts and the settings."""
 
-    def __init__(self, endpoint: ChatEndpoint, prompts: dict[str, PromptSet], teacher: TeacherConfig,
-                 image_prefix: str):
+    def __init__(
+        self, endpoint: ChatEndpoint, prompts: dict[str, PromptSet], teacher: TeacherConfig, image_prefix: str
+    ):
         self.endpoint, self.prompts, self.teacher, self.image_prefix = endpoint, prompts, teacher, image_prefix
         self.malformed = 0
         self._lock = threading.Lock()
@@ -120,8 +126,10 @@ class _Job:
             reply = completion.content
             try:
                 if completion.finish_reason == "length":
-                    raise MalformedReply("the reply was cut off at max_tokens (finish_reason 'length'); "
-                                         "raise chat_max_tokens if this happens often")
+                    raise MalformedReply(
+                        "the reply was cut off at max_tokens (finish_reason 'length'); "
+                        "raise chat_max_tokens if this happens often"
+                    )
                 parsed = parse_reply(rtype, reply)
             except MalformedReply as e:
                 with self._lock:
@@ -133,18 +141,34 @@ class _Job:
         return "failure", self._failure(ctx, rtype, "malformed", attempts[-1]["error"], attempts)
 
     def _failure(self, ctx: SymbolicContext, rtype: str, reason: str, error: str, attempts: list) -> dict:
-        return {"id": sample_id(ctx.image_id, rtype), "image_id": ctx.image_id, "image": self.image(ctx),
-                "type": rtype, "reason": reason, "error": error, "attempts": attempts, "context": ctx.text()}
+        return {
+            "id": sample_id(ctx.image_id, rtype),
+            "image_id": ctx.image_id,
+            "image": self.image(ctx),
+            "type": rtype,
+            "reason": reason,
+            "error": error,
+            "attempts": attempts,
+            "context": ctx.text(),
+        }
 
 
 def _ids(path: Path) -> set[str]:
     return {str(rec.get("id")) for _, rec in jsonl.read_jsonl(path)}
 
 
-def generate(contexts: Sequence[SymbolicContext], out_path: str | Path, teacher: TeacherConfig, *,
-             types: Sequence[str] = RESPONSE_TYPES, image_prefix: str = "",
-             failures_path: str | Path | None = None, retry_failed: bool = False,
-             prompts_dir: str | Path = PROMPTS_DIR, progress: bool = True) -> ChatStats:
+def generate(
+    contexts: Sequence[SymbolicContext],
+    out_path: str | Path,
+    teacher: TeacherConfig,
+    *,
+    types: Sequence[str] = RESPONSE_TYPES,
+    image_prefix: str = "",
+    failures_path: str | Path | None = None,
+    retry_failed: bool = False,
+    prompts_dir: str | Path = PROMPTS_DIR,
+    progress: bool = True,
+) -> ChatStats:
     """Ask the endpoint for every (context, type) not yet finished; append samples to ``out_path``
     (JSONL) and failures to ``failures_path`` (default ``<out>.failures.jsonl``)."""
     start = time.monotonic()
@@ -168,24 +192,43 @@ def generate(contexts: Sequence[SymbolicContext], out_path: str | Path, teacher:
             stats.already_failed += 1
         else:
             todo.append((ctx, t))
-    log.info("chat teacher: %d units; %d already in %s, %d failed before%s; asking for %d",
-             len(units), stats.already_done, out_path.name, stats.already_failed,
-             " (skipped; retry_failed=True asks again)" if stats.already_failed else "", len(todo))
+    log.info(
+        "chat teacher: %d units; %d already in %s, %d failed before%s; asking for %d",
+        len(units),
+        stats.already_done,
+        out_path.name,
+        stats.already_failed,
+        " (skipped; retry_failed=True asks again)" if stats.already_failed else "",
+        len(todo),
+    )
 
     stop = threading.Event()
     endpoint = ChatEndpoint(
-        teacher.base_url, teacher.model, teacher.api_key_env, timeout_s=teacher.chat_timeout_s,
-        max_retries=teacher.chat_max_retries, backoff_s=teacher.chat_backoff_s,
-        max_backoff_s=teacher.chat_max_backoff_s, temperature=teacher.chat_temperature,
-        max_tokens=teacher.chat_max_tokens, concurrency=teacher.chat_concurrency, stop=stop)
+        teacher.base_url,
+        teacher.model,
+        teacher.api_key_env,
+        timeout_s=teacher.chat_timeout_s,
+        max_retries=teacher.chat_max_retries,
+        backoff_s=teacher.chat_backoff_s,
+        max_backoff_s=teacher.chat_max_backoff_s,
+        temperature=teacher.chat_temperature,
+        max_tokens=teacher.chat_max_tokens,
+        concurrency=teacher.chat_concurrency,
+        stop=stop,
+    )
     job = _Job(endpoint, prompts, teacher, image_prefix)
     fatal: BaseException | None = None
-    with endpoint, jsonl.open_for_append(out_path) as fout, jsonl.open_for_append(failures_path) as ffail, \
-            ThreadPoolExecutor(max_workers=max(1, teacher.chat_concurrency)) as pool:
+    with (
+        endpoint,
+        jsonl.open_for_append(out_path) as fout,
+        jsonl.open_for_append(failures_path) as ffail,
+        ThreadPoolExecutor(max_workers=max(1, teacher.chat_concurrency)) as pool,
+    ):
         futures = [pool.submit(job.ask, ctx, t) for ctx, t in todo]
         try:
-            for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
-                            desc="chat teacher", unit="reply"):
+            for fut in tqdm(
+                as_completed(futures), total=len(futures), disable=not progress, desc="chat teacher", unit="reply"
+            ):
                 if fut.cancelled():
                     continue
                 try:
@@ -217,6 +260,8 @@ def generate(contexts: Sequence[SymbolicContext], out_path: str | Path, teacher:
     stats.seconds = time.monotonic() - start
     log.info("chat teacher: %s", stats.summary())
     if fatal is not None:
-        raise RuntimeError(f"chat teacher stopped early: {fatal}. {stats.samples} samples were written "
-                           f"to {out_path}; run again to resume") from fatal
+        raise RuntimeError(
+            f"chat teacher stopped early: {fatal}. {stats.samples} samples were written "
+            f"to {out_path}; run again to resume"
+        ) from fatal
     return stats

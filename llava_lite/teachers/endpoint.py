@@ -19,6 +19,7 @@ other 4xx reject this one request (:class:`RejectedRequest`).
 The API key is read from the environment variable the configuration names and lives only in
 the request headers: no message, log line or file ever contains it.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -100,10 +101,21 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 class ChatEndpoint:
-    def __init__(self, base_url: str, model: str, api_key_env: str, *, timeout_s: float = 120.0,
-                 max_retries: int = 6, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 temperature: float | None = 0.2, max_tokens: int = 1024, concurrency: int = 4,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str,
+        *,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        temperature: float | None = 0.2,
+        max_tokens: int = 1024,
+        concurrency: int = 4,
+        stop: threading.Event | None = None,
+    ):
         if not base_url:
             raise ValueError("chat teacher: no base_url (e.g. http://localhost:8000/v1) in the teacher config")
         if not model:
@@ -126,7 +138,7 @@ class ChatEndpoint:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "ChatEndpoint":
+    def __enter__(self) -> ChatEndpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,7 +156,7 @@ class ChatEndpoint:
         return body
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         return delay

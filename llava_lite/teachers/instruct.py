@@ -6,6 +6,7 @@
 The ``pretrain`` split gets ``caption`` and ``exact`` samples only (the tiny language model's
 reading text); the other splits get every type.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,14 @@ def kinds_for(split: str) -> tuple[str, ...]:
     return PRETRAIN_KINDS if split == "pretrain" else symbolic.TYPES
 
 
-def build_split(layout: Layout, split: str, seed: int = 0, teacher: str = "symbolic", limit: int | None = None,
-                kinds: tuple[str, ...] | None = None) -> Path:
+def build_split(
+    layout: Layout,
+    split: str,
+    seed: int = 0,
+    teacher: str = "symbolic",
+    limit: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+) -> Path:
     """Write ``<split>.json`` (kept as it is when it already holds this split's samples)."""
     out = layout.instruct / f"{split}.json"
     stats_path = layout.instruct / f"{split}.stats.json"
@@ -43,8 +50,16 @@ def build_split(layout: Layout, split: str, seed: int = 0, teacher: str = "symbo
         raise ValueError(f"teacher {teacher!r}: build_split runs the symbolic teacher; use build_chat for an endpoint")
     samples, stats = symbolic.generate(contexts, kinds, seed=seed)
     io.write_json(out, samples)
-    io.write_json(stats_path, {"made_with": want, "samples": len(samples), "per_type": stats,
-                               "turns": dict(Counter(len(s["conversations"]) // 2 for s in samples))}, indent=2)
+    io.write_json(
+        stats_path,
+        {
+            "made_with": want,
+            "samples": len(samples),
+            "per_type": stats,
+            "turns": dict(Counter(len(s["conversations"]) // 2 for s in samples)),
+        },
+        indent=2,
+    )
     log.info("%s: %d samples -> %s", split, len(samples), out)
     return out
 

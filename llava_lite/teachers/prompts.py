@@ -6,6 +6,7 @@
 one request: the system message, each example as a user (context) / assistant (response)
 pair, then the new context as the last user message.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,10 +50,12 @@ def load_prompts(rtype: str, prompts_dir: str | Path = PROMPTS_DIR) -> PromptSet
         raise ValueError(f"{shots_path}: expected a list of examples, found {type(shots).__name__}")
     examples = []
     for i, shot in enumerate(shots):
-        if not (isinstance(shot, dict) and isinstance(shot.get("context"), str)
-                and isinstance(shot.get("response"), str)):
-            raise ValueError(f"{shots_path}: example {i} should be {{'context': str, 'response': str}}, "
-                             f"found {shot!r:.80}")
+        if not (
+            isinstance(shot, dict) and isinstance(shot.get("context"), str) and isinstance(shot.get("response"), str)
+        ):
+            raise ValueError(
+                f"{shots_path}: example {i} should be {{'context': str, 'response': str}}, found {shot!r:.80}"
+            )
         examples.append((shot["context"].strip(), shot["response"].strip()))
     instructions: tuple[str, ...] = ()
     if rtype == "detail":

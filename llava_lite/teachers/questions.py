@@ -8,6 +8,7 @@ Types: ``count``, ``colour``, ``shape``, ``position``, ``exist``, ``size``. Colo
 questions need category names that carry a colour (the shapes world); the other types work on
 any COCO context.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,8 +47,9 @@ def _count(objs: list[Obj], rng: random.Random) -> ExactQA | None:
     if word == "shape" and not colours:
         word = "object"
     many = facts.plural(word)
-    template = rng.choice(["How many {} are there?", "How many {} can you see?", "How many {} are in the picture?",
-                           "Count the {}."])
+    template = rng.choice(
+        ["How many {} are there?", "How many {} can you see?", "How many {} are in the picture?", "Count the {}."]
+    )
     return ExactQA("count", template.format(many), count_word(n))
 
 
@@ -61,8 +63,14 @@ def _colour(objs, rng):
     if not cands:
         return None
     o = rng.choice(cands)
-    t = rng.choice(["What colour is the {}?", "What is the colour of the {}?", "Which colour does the {} have?",
-                    "The {} is what colour?"])
+    t = rng.choice(
+        [
+            "What colour is the {}?",
+            "What is the colour of the {}?",
+            "Which colour does the {} have?",
+            "The {} is what colour?",
+        ]
+    )
     return ExactQA("colour", t.format(o.kind), o.colour)
 
 
@@ -71,8 +79,14 @@ def _shape(objs, rng):
     if not cands:
         return None
     o = rng.choice(cands)
-    t = rng.choice(["What shape is the {} object?", "What is the shape of the {} object?", "Which shape is {}?",
-                    "The {} object is what shape?"])
+    t = rng.choice(
+        [
+            "What shape is the {} object?",
+            "What is the shape of the {} object?",
+            "Which shape is {}?",
+            "The {} object is what shape?",
+        ]
+    )
     return ExactQA("shape", t.format(o.colour), o.kind)
 
 
@@ -105,8 +119,12 @@ def _exist(objs, rng):
     else:
         if any(o.colour for o in objs):
             # absent categories that share a colour or a shape with something present are the hard ones
-            near = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present
-                    and any(o.colour == c or o.kind == s for o in objs)]
+            near = [
+                f"{c} {s}"
+                for c in COLOURS
+                for s in SHAPES
+                if f"{c} {s}" not in present and any(o.colour == c or o.kind == s for o in objs)
+            ]
             if not near:
                 return None
             name = rng.choice(near)

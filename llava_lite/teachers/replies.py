@@ -13,6 +13,7 @@ Conversation and complex replies use the paper's block format, every block close
 (a conversation repeats the pair; complex has exactly one; the label may share its line with
 the text; the last ``===`` may be missing). A detail reply is plain text.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,7 @@ def parse_qa(text: str) -> list[tuple[str, str]]:
         m = _LABEL.match(block)
         if m is None or m.group(1).lower() != want:
             raise MalformedReply(f"block {i + 1}: expected '{want.capitalize()}:', found {block[:60]!r}")
-        body = block[m.end():].strip()
+        body = block[m.end() :].strip()
         if not body:
             raise MalformedReply(f"block {i + 1}: empty {want}")
         if question is None:

@@ -16,6 +16,7 @@ question) samples. Every fact it states is one of a few sentence forms built fro
 The wording around those facts, and every question, varies. Works on the shapes world and on
 real COCO contexts (objects without colours, people, crowded scenes) alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ import json
 import logging
 import random
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from .. import facts
 from ..coco import SymbolicContext
@@ -87,8 +88,14 @@ def cap(s: str) -> str:
 
 # ----------------------------------------------------------------- conversation
 def _qa_objects(objs, rng):
-    q = rng.choice(["What objects are in the image?", "What can you see in this picture?", "What is shown in the image?",
-                    "Which things appear in this image?"])
+    q = rng.choice(
+        [
+            "What objects are in the image?",
+            "What can you see in this picture?",
+            "What is shown in the image?",
+            "Which things appear in this image?",
+        ]
+    )
     lead = rng.choice(["I can see ", "The image shows ", "In the picture there is ", "This picture contains "])
     return q, f"{lead}{listing(objs)}."
 
@@ -97,14 +104,21 @@ def _qa_count(objs, rng):
     kinds = _counted(objs)
     kind = rng.choice(sorted(kinds))
     n = kinds[kind]
-    q = rng.choice([f"How many {plural(kind)} are there?", f"How many {plural(kind)} can you see?",
-                    f"Can you count the {plural(kind)} in the image?"])
+    q = rng.choice(
+        [
+            f"How many {plural(kind)} are there?",
+            f"How many {plural(kind)} can you see?",
+            f"Can you count the {plural(kind)} in the image?",
+        ]
+    )
     return q, cap(there_are(n, kind)) + rng.choice([" in the image.", ".", " in total."])
 
 
 def _qa_total(objs, rng):
     noun = "shape" if objs[0].colour else "object"
-    q = rng.choice([f"How many {plural(noun)} are in the picture altogether?", f"How many {plural(noun)} does the image contain?"])
+    q = rng.choice(
+        [f"How many {plural(noun)} are in the picture altogether?", f"How many {plural(noun)} does the image contain?"]
+    )
     return q, cap(there_are(len(objs), noun)) + " altogether."
 
 
@@ -114,7 +128,13 @@ def _qa_colour(objs, rng):
     if not cands:
         return None
     o = rng.choice(cands)
-    q = rng.choice([f"What colour is the {o.kind}?", f"Which colour does the {o.kind} have?", f"Tell me the colour of the {o.kind}."])
+    q = rng.choice(
+        [
+            f"What colour is the {o.kind}?",
+            f"Which colour does the {o.kind} have?",
+            f"Tell me the colour of the {o.kind}.",
+        ]
+    )
     return q, f"The {o.kind} is {o.colour}."
 
 
@@ -123,7 +143,9 @@ def _qa_where(objs, rng):
     if not cands:
         return None
     o = rng.choice(cands)
-    q = rng.choice([f"Where is {the(o)}?", f"Where in the image is {the(o)} located?", f"Can you tell me where {the(o)} is?"])
+    q = rng.choice(
+        [f"Where is {the(o)}?", f"Where in the image is {the(o)} located?", f"Can you tell me where {the(o)} is?"]
+    )
     return q, cap(is_at(o)) + "."
 
 
@@ -134,7 +156,12 @@ def _qa_relation(objs, rng):
         return None
     a, b, rel = rng.choice(pairs)
     if rng.random() < 0.5:
-        q = rng.choice([f"What is the position of {the(a)} relative to {the(b)}?", f"How is {the(a)} placed compared with {the(b)}?"])
+        q = rng.choice(
+            [
+                f"What is the position of {the(a)} relative to {the(b)}?",
+                f"How is {the(a)} placed compared with {the(b)}?",
+            ]
+        )
         return q, cap(is_rel(a, rel, b)) + "."
     wrong = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
     asked = rel if rng.random() < 0.5 else wrong
@@ -150,7 +177,13 @@ def _qa_size(objs, rng):
     big = max(objs, key=lambda o: o.area)
     if sum(o.area >= 0.8 * big.area for o in objs) > 1 or big.name not in {o.name for o in unique_by(objs)}:
         return None
-    q = rng.choice(["Which object is the biggest?", "What is the largest thing in the image?", "Which shape takes up the most space?"])
+    q = rng.choice(
+        [
+            "Which object is the biggest?",
+            "What is the largest thing in the image?",
+            "Which shape takes up the most space?",
+        ]
+    )
     return q, f"The biggest one is {the(big)}; {the(big)} is {big.size}."
 
 
@@ -170,7 +203,13 @@ def _qa_exists(objs, rng):
             return None
         name = rng.choice(sorted(set(absent)))
         ans = f"No, there is no {name} in the image."
-    q = rng.choice([f"Is there {article(name)} in the image?", f"Do you see {article(name)}?", f"Does the picture contain {article(name)}?"])
+    q = rng.choice(
+        [
+            f"Is there {article(name)} in the image?",
+            f"Do you see {article(name)}?",
+            f"Does the picture contain {article(name)}?",
+        ]
+    )
     return q, ans
 
 
@@ -206,7 +245,7 @@ def detail(ctx: SymbolicContext, rng: random.Random) -> str:
     open_ = rng.choice(["The image shows {}.", "In this picture {}.", "This is a scene in which {}."])
     parts = [cap(open_.format(there_are(len(objs), noun)))]
     names = Counter(o.name for o in objs)
-    for i, o in enumerate(objs):
+    for o in objs:
         if names[o.name] == 1:
             parts.append(cap(is_at(o)) + (f" and {o.size}" if o.colour else "") + ".")
         else:
@@ -216,7 +255,11 @@ def detail(ctx: SymbolicContext, rng: random.Random) -> str:
     rels = [r for r in rels if r[2]]
     if rels:
         a, b, rel = rng.choice(rels)
-        parts.append(rng.choice(["Looking at how they are arranged, ", "As for their layout, ", "Overall, "]) + is_rel(a, rel, b) + ".")
+        parts.append(
+            rng.choice(["Looking at how they are arranged, ", "As for their layout, ", "Overall, "])
+            + is_rel(a, rel, b)
+            + "."
+        )
     return " ".join(parts)
 
 
@@ -231,8 +274,10 @@ def _cx_more(objs, rng):
     q = f"Are there more {plural(a)} than {plural(b)} in the image?"
     verdict = "yes" if na > nb else "no"
     cmp = "more than" if na > nb else "the same as" if na == nb else "fewer than"
-    steps = (f"First I count the {plural(a)}: {there_are(na, a)}. Then the {plural(b)}: {there_are(nb, b)}. "
-             f"{cap(count_phrase(na, a))} is {cmp} {count_phrase(nb, b)}, so the answer is {verdict}.")
+    steps = (
+        f"First I count the {plural(a)}: {there_are(na, a)}. Then the {plural(b)}: {there_are(nb, b)}. "
+        f"{cap(count_phrase(na, a))} is {cmp} {count_phrase(nb, b)}, so the answer is {verdict}."
+    )
     return q, steps
 
 
@@ -243,13 +288,17 @@ def _cx_remove(objs, rng):
         kind = rng.choice(sorted(kinds))
         n, k = len(objs), kinds[kind]
         q = f"If every {kind} left the picture, how many objects would remain?"
-        return q, (f"Altogether {there_are(n, 'object')}. Of these, {there_are(k, kind)}. "
-                   f"Taking away {k} of {n} leaves {count_phrase(n - k, 'object')}.")
+        return q, (
+            f"Altogether {there_are(n, 'object')}. Of these, {there_are(k, kind)}. "
+            f"Taking away {k} of {n} leaves {count_phrase(n - k, 'object')}."
+        )
     colour = rng.choice(sorted(colours))
     n, k = len(objs), colours[colour]
     q = f"If all the {colour} shapes were removed, how many shapes would be left?"
-    return q, (f"Altogether {there_are(n, 'shape')}. Of these, {there_are(k, colour + ' shape')}. "
-               f"Removing {k} of {n} leaves {count_phrase(n - k, 'shape')}.")
+    return q, (
+        f"Altogether {there_are(n, 'shape')}. Of these, {there_are(k, colour + ' shape')}. "
+        f"Removing {k} of {n} leaves {count_phrase(n - k, 'shape')}."
+    )
 
 
 def _cx_leftmost(objs, rng):
@@ -261,12 +310,15 @@ def _cx_leftmost(objs, rng):
     if abs(first.cx - second.cx) < 0.05 or first.name not in {o.name for o in unique_by(objs)}:
         return None
     q = f"Which object is furthest to the {side}, and what is it next to?"
-    steps = [f"Comparing the horizontal positions of all {len(objs)} objects, {the(first)} is furthest to the {side}; {is_at(first)}."]
+    steps = [
+        f"Comparing the horizontal positions of all {len(objs)} objects, {the(first)} is furthest to the {side}; "
+        f"{is_at(first)}."
+    ]
     near = [o for o in unique_by(objs) if o is not first and facts.next_to(first, o)]
     if near:
         steps.append(f"Checking the gaps between boxes, {the(first)} is next to {the(near[0])}.")
     else:
-        steps.append(f"Checking the gaps between boxes, nothing is close to it, so it stands on its own.")
+        steps.append("Checking the gaps between boxes, nothing is close to it, so it stands on its own.")
     return q, " ".join(steps)
 
 
@@ -281,8 +333,10 @@ def _cx_big_small(objs, rng):
     if not rel:
         return None
     q = "Where is the largest object compared with the smallest one?"
-    return q, (f"First I find the largest object by the size of its box: it is {the(big)}. "
-               f"The smallest is {the(small)}. Comparing their positions, {is_rel(big, rel, small)}.")
+    return q, (
+        f"First I find the largest object by the size of its box: it is {the(big)}. "
+        f"The smallest is {the(small)}. Comparing their positions, {is_rel(big, rel, small)}."
+    )
 
 
 def _cx_half(objs, rng):
@@ -293,7 +347,7 @@ def _cx_half(objs, rng):
     q = f"How many {plural(noun)} have their centre in the {side} half of the image, and which are they?"
     steps = f"I look at the centre of each of the {len(objs)} boxes and keep those in the {side} half. "
     if not inside:
-        return q, steps + f"None of them is there, so the answer is zero."
+        return q, steps + "None of them is there, so the answer is zero."
     return q, steps + f"That leaves {listing(inside)}, so {count_phrase(len(inside), noun)} in all."
 
 
@@ -329,9 +383,14 @@ def sample(ctx: SymbolicContext, kind: str, rng: random.Random) -> dict | None:
     elif kind == "conversation":
         turns = conversation(ctx, rng)
     elif kind == "detail":
-        q = rng.choice(["Describe the image in detail.", "Give a detailed description of this picture.",
-                        "What is in this image? Describe every object and where it is.",
-                        "Explain the contents of the picture thoroughly."])
+        q = rng.choice(
+            [
+                "Describe the image in detail.",
+                "Give a detailed description of this picture.",
+                "What is in this image? Describe every object and where it is.",
+                "Explain the contents of the picture thoroughly.",
+            ]
+        )
         turns = [(q, detail(ctx, rng))]
     elif kind == "complex":
         qa = complex_reasoning(ctx, rng)
@@ -346,16 +405,22 @@ def sample(ctx: SymbolicContext, kind: str, rng: random.Random) -> dict | None:
         extra["qtypes"] = [qa.qtype for qa in qas]
     else:
         raise ValueError(f"unknown sample type {kind!r}; expected one of {TYPES}")
-    return {"id": f"{ctx.image_id}-{kind}", "image": ctx.file_name, "type": kind,
-            "conversations": _conversations(turns, rng), **extra}
+    return {
+        "id": f"{ctx.image_id}-{kind}",
+        "image": ctx.file_name,
+        "type": kind,
+        "conversations": _conversations(turns, rng),
+        **extra,
+    }
 
 
 def _key(s: dict) -> str:
     return hashlib.sha1(json.dumps(s["conversations"], sort_keys=True).encode()).hexdigest()
 
 
-def generate(contexts: Iterable[SymbolicContext], kinds: Iterable[str] = TYPES, seed: int = 0,
-             attempts: int = 8) -> tuple[list[dict], dict]:
+def generate(
+    contexts: Iterable[SymbolicContext], kinds: Iterable[str] = TYPES, seed: int = 0, attempts: int = 8
+) -> tuple[list[dict], dict]:
     """Samples of every kind for every context. No two samples are identical: a repeat is redrawn
     (``attempts`` times) and otherwise left out and counted. Returns ``(samples, stats)``."""
     kinds = list(kinds)

@@ -19,14 +19,15 @@ assistant examples with several questions mean a conversation, one question comp
 reasoning, none a detailed description. Every request is logged (key, n, fault, usage) so a
 test can check what was asked, how often, and what the client should have counted.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,15 @@ def rotating_faults(faults: Sequence[str]) -> Plan:
 class FaultyChatServer:
     """``with FaultyChatServer(plan) as server: ... server.base_url ...`` (127.0.0.1, a free port)."""
 
-    def __init__(self, plan: Plan | None = None, api_key: str | None = None, slow_s: float = 1.0,
-                 retry_after_s: int = 1, latency_s: float = 0.0, port: int = 0):
+    def __init__(
+        self,
+        plan: Plan | None = None,
+        api_key: str | None = None,
+        slow_s: float = 1.0,
+        retry_after_s: int = 1,
+        latency_s: float = 0.0,
+        port: int = 0,
+    ):
         self.plan: Plan = plan or (lambda key, n: "ok")
         self.api_key, self.slow_s, self.retry_after_s = api_key, slow_s, retry_after_s
         self.latency_s = latency_s  # added to every reply, to make a run last long enough to stop
@@ -97,7 +105,7 @@ class FaultyChatServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def start(self) -> "FaultyChatServer":
+    def start(self) -> FaultyChatServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="faulty-chat-server", daemon=True)
         self._thread.start()
         return self
@@ -106,7 +114,7 @@ class FaultyChatServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "FaultyChatServer":
+    def __enter__(self) -> FaultyChatServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -172,8 +180,9 @@ class FaultyChatServer:
                 if fault == "500":
                     return self._send(500, {"error": {"message": "injected internal error"}})
                 if fault == "429":
-                    return self._send(429, {"error": {"message": "injected rate limit"}},
-                                      {"Retry-After": str(server.retry_after_s)})
+                    return self._send(
+                        429, {"error": {"message": "injected rate limit"}}, {"Retry-After": str(server.retry_after_s)}
+                    )
                 if fault == "slow":
                     time.sleep(server.slow_s)
                 if fault == "malformed":
@@ -182,14 +191,28 @@ class FaultyChatServer:
                     content = reply_for(rtype, context)
                 if fault == "cut":
                     content = content[: len(content) // 2]
-                usage = {"prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
-                         "completion_tokens": len(content.split())}
+                usage = {
+                    "prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
+                    "completion_tokens": len(content.split()),
+                }
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server._lock:
                     server.log[index]["usage"] = usage
-                self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "model": req.get("model"),
-                                 "choices": [{"index": 0, "finish_reason": "length" if fault == "cut" else "stop",
-                                              "message": {"role": "assistant", "content": content}}],
-                                 "usage": usage})
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{index}",
+                        "object": "chat.completion",
+                        "model": req.get("model"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "length" if fault == "cut" else "stop",
+                                "message": {"role": "assistant", "content": content},
+                            }
+                        ],
+                        "usage": usage,
+                    },
+                )
 
         return Handler

@@ -1,4 +1,5 @@
 """Scenes for the lab's tests: small held-out sets, and the tiny preset's pretrain split in memory."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,6 +25,7 @@ def write_contexts(folder, scenes, cfg, split: str):
 def heldout_contexts(tmp_path_factory):
     """``heldout_contexts(n, seed)``: ``n`` scenes drawn beside the tiny preset's pretrain split (so
     none of them is one the shipped LM was trained on)."""
+
     def make(n: int, seed: int = 0):
         cfg = get_preset("tiny").world
         cfg.seed = seed

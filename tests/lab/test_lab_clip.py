@@ -1,5 +1,6 @@
 """The tiny CLIP's pretraining: counterfactual texts change one fact, the hard negative is scored,
 a smoke-size run saves what open_clip loads, and the card's first run still makes its first steps."""
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,22 @@ from llava_lite.lab.clip_texts import N_DESCRIPTIONS, TextBank, counterfactual, 
 from llava_lite.lab.config import ClipArchitecture, ClipRuntime, ClipTexts, ClipTraining
 from llava_lite.vision import VisionTower
 
-OBJS = [Obj("red circle", (0.1, 0.1, 0.2, 0.2)), Obj("blue square", (0.5, 0.5, 0.9, 0.9)),
-        Obj("green triangle", (0.7, 0.1, 0.8, 0.2))]
-SMOKE = ClipArchitecture(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_head_width=16,
-                         text_width=32, text_layers=1, text_heads=2, embed_dim=32)
+OBJS = [
+    Obj("red circle", (0.1, 0.1, 0.2, 0.2)),
+    Obj("blue square", (0.5, 0.5, 0.9, 0.9)),
+    Obj("green triangle", (0.7, 0.1, 0.8, 0.2)),
+]
+SMOKE = ClipArchitecture(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=2,
+    vision_head_width=16,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    embed_dim=32,
+)
 
 
 def test_counterfactual_changes_exactly_one_fact_and_its_description_says_so():
@@ -34,7 +47,7 @@ def test_counterfactual_changes_exactly_one_fact_and_its_description_says_so():
         changed = [(a, b) for a, b in zip(OBJS, new) if a != b]
         if all(a.box == b.box for a, b in changed):  # a shape or a colour changed, one object
             assert len(changed) == 1
-            (a, b), = changed
+            ((a, b),) = changed
             kinds.add("shape" if a.colour == b.colour else "colour")
             assert (a.colour == b.colour) != (a.kind == b.kind)
         else:  # two objects swapped places
@@ -99,8 +112,15 @@ def test_tiny_clip_trains_at_smoke_size_and_saves_in_open_clip_format(tmp_path):
     runtime = ClipRuntime(eval_every=2, eval_scenes=100, metric_scenes=200)
     out = tmp_path / "clip"
     m = train(SMOKE, texts, training, runtime, wcfg, tmp_path / "world", out, command="test")
-    for name in ("open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json", "README.md",
-                 "train_log.jsonl", "loss.png", "metrics.json"):
+    for name in (
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "train_log.jsonl",
+        "loss.png",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert 0 <= m["retrieval"]["r@1"] <= 1 and "shape" in m["probe_layer-2"]
     assert m["config"]["vision_width"] == 32 and m["config"]["world"]["image_size"] == 32
@@ -128,8 +148,15 @@ def test_tiny_clip_trains_at_smoke_size_and_saves_in_open_clip_format(tmp_path):
 def test_clip_training_on_a_missing_gpu_fails_before_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):
-        train(ClipArchitecture(), ClipTexts(), ClipTraining(), ClipRuntime(device="cuda"), WorldConfig(),
-              tmp_path / "no-world", tmp_path / "out")
+        train(
+            ClipArchitecture(),
+            ClipTexts(),
+            ClipTraining(),
+            ClipRuntime(device="cuda"),
+            WorldConfig(),
+            tmp_path / "no-world",
+            tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -155,9 +182,16 @@ def test_the_cards_first_run_makes_its_logged_first_steps(tiny_pretrain, tmp_pat
     monkeypatch.setattr(clip, "_train_step", logged)
     data = (images, [c.captions for c in pretrain], [c.objects for c in pretrain])
     with pytest.raises(_Stop):
-        train(ClipArchitecture(patch_size=8, vision_width=64, vision_layers=4, text_layers=2), ClipTexts(),
-              ClipTraining(steps=3000, batch_size=128, lr=0.002, seed=0), ClipRuntime(threads=1, eval_scenes=100),
-              world_cfg, tmp_path / "unused", tmp_path / "H", data=data)
+        train(
+            ClipArchitecture(patch_size=8, vision_width=64, vision_layers=4, text_layers=2),
+            ClipTexts(),
+            ClipTraining(steps=3000, batch_size=128, lr=0.002, seed=0),
+            ClipRuntime(threads=1, eval_scenes=100),
+            world_cfg,
+            tmp_path / "unused",
+            tmp_path / "H",
+            data=data,
+        )
     assert losses == pytest.approx(H_FIRST_LOSSES, rel=0.002)
 
 

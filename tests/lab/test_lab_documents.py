@@ -1,5 +1,6 @@
 """The tiny LM's pretraining documents: the loss falls on the answers only, each step's batch is
 fixed however the run gets there, and the plain-text share weighs every token."""
+
 from __future__ import annotations
 
 import random
@@ -76,8 +77,9 @@ def test_plain_text_share_weighs_every_token_and_the_answers_fully(small_tokeniz
     tok, contexts = small_tokenizer
     template = get_template("roles", tok)
     for share, low in ((1.0, 0.2), (0.0, 0.0)):
-        stream = DocStream(contexts, template, LMDocuments(qa_per_doc=3, text_share=share, text_weight=0.2), 6, 0,
-                           tok.pad_token_id)
+        stream = DocStream(
+            contexts, template, LMDocuments(qa_per_doc=3, text_share=share, text_weight=0.2), 6, 0, tok.pad_token_id
+        )
         ids, weights = stream.batch(0)  # [B, T]
         real = ids != tok.pad_token_id
         assert weights[real].unique().tolist() == pytest.approx([low, 1.0])

@@ -1,5 +1,6 @@
 """The tiny LM: the shipped model still reads, the loop trains, resumes exactly and refuses a
 checkpoint of other settings, and the card's command still makes the shipped run's first steps."""
+
 from __future__ import annotations
 
 import json
@@ -86,15 +87,29 @@ def test_pretrain_lm_smoke_loss_falls_and_saves_loadable_model(small_tokenizer, 
     tok, contexts = small_tokenizer
     training = LMTraining(steps=30, batch_size=6, lr=3e-3, warmup=5)
     runtime = LMRuntime(eval_every=30, eval_scenes=5, checkpoint_every=15, threads=1)
-    model, _, metrics = pretrain_lm(contexts[:100], contexts[100:], tmp_path, SMALL, LMDocuments(qa_per_doc=3),
-                                    training, runtime, tokenizer=tok, progress=False)
+    model, _, metrics = pretrain_lm(
+        contexts[:100],
+        contexts[100:],
+        tmp_path,
+        SMALL,
+        LMDocuments(qa_per_doc=3),
+        training,
+        runtime,
+        tokenizer=tok,
+        progress=False,
+    )
     train, evals = _log(tmp_path / "log.jsonl")
     assert len(train) == 30 and len(evals) == 1
     first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
     assert last < 0.85 * first, (first, last)
     loaded, loaded_tok = load_tiny_lm(tmp_path)
-    ids = torch.tensor([loaded_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
-                                                       add_generation_prompt=True, return_dict=False)])
+    ids = torch.tensor(
+        [
+            loaded_tok.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+        ]
+    )
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -117,16 +132,44 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
         raise _Crash(step)
 
     with pytest.raises(_Crash):  # dies at step 6, just after writing its checkpoint
-        pretrain_lm(train, val, tmp_path / "resumed", arch, docs, training, runtime, tokenizer=tok, progress=False,
-                    on_eval=crash)
+        pretrain_lm(
+            train,
+            val,
+            tmp_path / "resumed",
+            arch,
+            docs,
+            training,
+            runtime,
+            tokenizer=tok,
+            progress=False,
+            on_eval=crash,
+        )
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.002 there, 0.001 now\)"):
-        pretrain_lm(train, val, tmp_path / "resumed", arch, docs, replace(training, lr=1e-3), runtime, tokenizer=tok,
-                    progress=False)
+        pretrain_lm(
+            train,
+            val,
+            tmp_path / "resumed",
+            arch,
+            docs,
+            replace(training, lr=1e-3),
+            runtime,
+            tokenizer=tok,
+            progress=False,
+        )
     # where it runs (threads, workers, how often it reports) is not what it learns: the run resumes under
     # other values, here with its documents built in a background process from step 6, inside a length group
-    pretrain_lm(train, val, tmp_path / "resumed", arch, docs, training, replace(runtime, threads=2, workers=1),
-                tokenizer=tok, progress=False)
+    pretrain_lm(
+        train,
+        val,
+        tmp_path / "resumed",
+        arch,
+        docs,
+        training,
+        replace(runtime, threads=2, workers=1),
+        tokenizer=tok,
+        progress=False,
+    )
     straight, _ = _log(tmp_path / "straight" / "log.jsonl")
     resumed, _ = _log(tmp_path / "resumed" / "log.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 13))
@@ -135,21 +178,35 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
 
 def test_a_resumed_run_reloads_the_tokenizer_it_saved(small_tokenizer, tmp_path):
     _, contexts = small_tokenizer
-    args = dict(arch=SMALL, docs=LMDocuments(qa_per_doc=2), training=LMTraining(steps=4, batch_size=2, warmup=1,
-                                                                                bf16=False), progress=False)
+    args = dict(
+        arch=SMALL,
+        docs=LMDocuments(qa_per_doc=2),
+        training=LMTraining(steps=4, batch_size=2, warmup=1, bf16=False),
+        progress=False,
+    )
 
     def crash(step, metrics):
         raise _Crash(step)
 
     with pytest.raises(_Crash):  # trains its tokenizer, then stops at step 2 with a checkpoint
-        pretrain_lm(contexts[:40], contexts[40:42], tmp_path, runtime=LMRuntime(eval_every=2, eval_scenes=1,
-                                                                                checkpoint_every=2, threads=1),
-                    on_eval=crash, **args)
+        pretrain_lm(
+            contexts[:40],
+            contexts[40:42],
+            tmp_path,
+            runtime=LMRuntime(eval_every=2, eval_scenes=1, checkpoint_every=2, threads=1),
+            on_eval=crash,
+            **args,
+        )
     saved = AutoTokenizer.from_pretrained(tmp_path)
     assert reading_layout(saved) == "sized"
     # other scenes would train another tokenizer: the resumed run reads the saved one instead
-    _, again, _ = pretrain_lm(contexts[60:100], contexts[40:42], tmp_path,
-                              runtime=LMRuntime(eval_every=0, checkpoint_every=2, threads=1), **args)
+    _, again, _ = pretrain_lm(
+        contexts[60:100],
+        contexts[40:42],
+        tmp_path,
+        runtime=LMRuntime(eval_every=0, checkpoint_every=2, threads=1),
+        **args,
+    )
     assert again.get_vocab() == saved.get_vocab() and reading_layout(again) == "sized"
 
 
@@ -178,8 +235,15 @@ def test_training_device_names_what_is_missing(monkeypatch):
     with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
         training_device("cuda")
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        pretrain_lm([], [], "/nonexistent/never-written", LMArchitecture(), LMDocuments(), LMTraining(),
-                    LMRuntime(device="cuda"))
+        pretrain_lm(
+            [],
+            [],
+            "/nonexistent/never-written",
+            LMArchitecture(),
+            LMDocuments(),
+            LMTraining(),
+            LMRuntime(device="cuda"),
+        )
 
 
 class _Stop(Exception):
@@ -198,10 +262,17 @@ def test_the_cards_command_makes_the_shipped_runs_first_steps(tiny_pretrain, tmp
         raise _Stop(step)
 
     with pytest.raises(_Stop):
-        pretrain_lm(pretrain, val, tmp_path, LMArchitecture(lm_hidden=128, lm_heads=4, lm_intermediate=384),
-                    LMDocuments(layout="sized", qa_per_doc=12, text_share=1.0),
-                    LMTraining(steps=4000, batch_size=64, lr_schedule="wsd"),
-                    LMRuntime(device="cpu", threads=2, eval_every=3, eval_scenes=1), progress=False, on_eval=stop)
+        pretrain_lm(
+            pretrain,
+            val,
+            tmp_path,
+            LMArchitecture(lm_hidden=128, lm_heads=4, lm_intermediate=384),
+            LMDocuments(layout="sized", qa_per_doc=12, text_share=1.0),
+            LMTraining(steps=4000, batch_size=64, lr_schedule="wsd"),
+            LMRuntime(device="cpu", threads=2, eval_every=3, eval_scenes=1),
+            progress=False,
+            on_eval=stop,
+        )
     ours, _ = _log(tmp_path / "log.jsonl")
     shipped, _ = _log(SHIPPED / "log.jsonl")
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in shipped[:3]]

@@ -1,5 +1,6 @@
 """The tiny backbones' tokenizers: the BPE keeps words whole and digits single, its chat template
 and the roles template write the same tokens, and the shipped tokenizer is what the recipe makes."""
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,17 @@ def test_tokenizer_keeps_words_whole_and_digits_single(small_tokenizer):
 
 def test_chat_template_renders_user_assistant_turns(small_tokenizer):
     tok, _ = small_tokenizer
-    msgs = [{"role": "user", "content": "ctx\nWhat colour is the circle?"}, {"role": "assistant", "content": "red"},
-            {"role": "user", "content": "How many squares are there?"}, {"role": "assistant", "content": "two"}]
+    msgs = [
+        {"role": "user", "content": "ctx\nWhat colour is the circle?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "How many squares are there?"},
+        {"role": "assistant", "content": "two"},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<|user|>ctx\nWhat colour is the circle?<|end|><|assistant|>red<|end|>"
-                    "<|user|>How many squares are there?<|end|><|assistant|>two<|end|>")
+    assert text == (
+        "<|user|>ctx\nWhat colour is the circle?<|end|><|assistant|>red<|end|>"
+        "<|user|>How many squares are there?<|end|><|assistant|>two<|end|>"
+    )
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|end|><|assistant|>")
 
