@@ -216,6 +216,22 @@ def _accumulate(
     return step_loss
 
 
+def _optimizer(model: LlavaLite, examples: Sequence[Example], cfg: TrainConfig, accelerator):
+    """What the stage trains, the memory estimate checked against the device, and AdamW over the
+    trained groups (the projector's learning rate and the language model's). Returns
+    ``(optimizer, precision, estimate)``."""
+    groups = set_trainable(model, cfg.stage)
+    if cfg.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    per_device = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum)
+    longest = max(len(e.enc) for e in examples)
+    est = memory.check(model, per_device, longest, precision, cfg.gradient_checkpointing, accelerator.device)
+    lrs = {"projector": cfg.lr, "lm": cfg.lm_lr or cfg.lr}
+    params = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups]
+    return torch.optim.AdamW(params, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)), precision, est
+
+
 def train(
     model: LlavaLite,
     examples: Sequence[Example],
@@ -236,25 +252,7 @@ def train(
         raise ValueError(
             f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world} x {cfg.grad_accum}"
         )
-
-    groups = set_trainable(model, cfg.stage)
-    if cfg.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    est = memory.check(
-        model,
-        cfg.batch_size // (world * cfg.grad_accum),
-        max(len(e.enc) for e in examples),
-        precision,
-        cfg.gradient_checkpointing,
-        accelerator.device,
-    )
-    lrs = {"projector": cfg.lr, "lm": cfg.lm_lr or cfg.lr}
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups],
-        weight_decay=cfg.weight_decay,
-        betas=(0.9, 0.999),
-    )
+    optimizer, precision, est = _optimizer(model, examples, cfg, accelerator)
     lengths = [len(e.enc) for e in examples]
     label_counts = [sum(label != IGNORE for label in e.enc.labels[1:]) for e in examples]
     per_epoch = len(plan_batches(lengths, cfg.batch_size, 0, cfg.seed))
@@ -273,9 +271,8 @@ def train(
         if not resume and metrics_path.exists():
             metrics_path.unlink()
     plans: dict[int, list[list[int]]] = {}
-    bar = tqdm(
-        range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=not progress or rank != 0
-    )
+    hide = not progress or rank != 0
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=hide)
     t0, seen, last = time.perf_counter(), 0, {}
     pad_batches: list[list[int]] = []
     model.train()
@@ -299,13 +296,9 @@ def train(
         done = step + 1
         if done % cfg.log_every == 0 or done == total or done == start + 1:
             dt = time.perf_counter() - t0
-            last = {
-                "step": done,
-                "loss": round(step_loss.item(), 5),
-                "lr": optimizer.param_groups[0]["lr"],
-                "samples_per_s": round(seen / dt, 2),
-                "seconds": round(dt, 2),
-            }
+            lr = optimizer.param_groups[0]["lr"]
+            last = {"step": done, "loss": round(step_loss.item(), 5), "lr": lr, "samples_per_s": round(seen / dt, 2),
+                    "seconds": round(dt, 2)}  # fmt: skip
             bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
             if accelerator.is_main_process:
                 with jsonl.open_for_append(metrics_path) as f:
@@ -313,17 +306,10 @@ def train(
         if accelerator.is_main_process and ((cfg.save_every and done % cfg.save_every == 0) or done == total):
             save_checkpoint(out_dir, done, raw, optimizer, cfg, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
-    summary = {
-        "steps": total,
-        "started_at": start,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "last": last,
-        "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
-        "trainable_parameters": raw.trainable_parameters(),
-        "processes": world,
-        "precision": precision,
-        "memory_estimate_gib": round(est.total / 2**30, 3),
-    }
+    summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2), "last": last,
+               "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
+               "trainable_parameters": raw.trainable_parameters(), "processes": world, "precision": precision,
+               "memory_estimate_gib": round(est.total / 2**30, 3)}  # fmt: skip
     if accelerator.is_main_process:
         io.write_json(out_dir / "summary.json", summary, indent=2)
     return summary

@@ -72,6 +72,13 @@ class ChatStats:
             + f"; {self.seconds:.1f}s"
         )
 
+    def count_requests(self, counts, malformed: int) -> None:
+        """Take in an endpoint's request counts and the teacher's malformed replies."""
+        self.malformed_replies = malformed
+        self.requests, self.completions = counts.requests, counts.completions
+        self.prompt_tokens, self.completion_tokens = counts.prompt_tokens, counts.completion_tokens
+        self.without_usage, self.retried = counts.without_usage, dict(counts.retried)
+
 
 def sample_id(image_id: int | str, rtype: str) -> str:
     return f"{image_id}-{rtype}"
@@ -157,6 +164,43 @@ def _ids(path: Path) -> set[str]:
     return {str(rec.get("id")) for _, rec in jsonl.read_jsonl(path)}
 
 
+def _todo(contexts, types, out_path: Path, failures_path: Path, retry_failed: bool) -> tuple[list, ChatStats]:
+    """The (context, type) units still to ask, and the run's statistics started with what is done."""
+    done, failed = _ids(out_path), _ids(failures_path)
+    units = [(ctx, t) for ctx in contexts for t in types]
+    stats = ChatStats(units=len(units))
+    todo = []
+    for ctx, t in units:
+        sid = sample_id(ctx.image_id, t)
+        if sid in done:
+            stats.already_done += 1
+        elif sid in failed and not retry_failed:
+            stats.already_failed += 1
+        else:
+            todo.append((ctx, t))
+    skipped = " (skipped; retry_failed=True asks again)" if stats.already_failed else ""
+    log.info("chat teacher: %d units; %d already in %s, %d failed before%s; asking for %d",
+             len(units), stats.already_done, out_path.name, stats.already_failed, skipped, len(todo))  # fmt: skip
+    return todo, stats
+
+
+def _endpoint(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
+    """The endpoint a teacher config names, with its retry, timeout and concurrency settings."""
+    return ChatEndpoint(
+        teacher.base_url,
+        teacher.model,
+        teacher.api_key_env,
+        timeout_s=teacher.chat_timeout_s,
+        max_retries=teacher.chat_max_retries,
+        backoff_s=teacher.chat_backoff_s,
+        max_backoff_s=teacher.chat_max_backoff_s,
+        temperature=teacher.chat_temperature,
+        max_tokens=teacher.chat_max_tokens,
+        concurrency=teacher.chat_concurrency,
+        stop=stop,
+    )
+
+
 def generate(
     contexts: Sequence[SymbolicContext],
     out_path: str | Path,
@@ -180,42 +224,9 @@ def generate(
     if dupes:
         raise ValueError(f"chat teacher: image ids occur more than once among the contexts: {dupes[:5]}")
 
-    done, failed = _ids(out_path), _ids(failures_path)
-    units = [(ctx, t) for ctx in contexts for t in types]
-    stats = ChatStats(units=len(units))
-    todo = []
-    for ctx, t in units:
-        sid = sample_id(ctx.image_id, t)
-        if sid in done:
-            stats.already_done += 1
-        elif sid in failed and not retry_failed:
-            stats.already_failed += 1
-        else:
-            todo.append((ctx, t))
-    log.info(
-        "chat teacher: %d units; %d already in %s, %d failed before%s; asking for %d",
-        len(units),
-        stats.already_done,
-        out_path.name,
-        stats.already_failed,
-        " (skipped; retry_failed=True asks again)" if stats.already_failed else "",
-        len(todo),
-    )
-
+    todo, stats = _todo(contexts, types, out_path, failures_path, retry_failed)
     stop = threading.Event()
-    endpoint = ChatEndpoint(
-        teacher.base_url,
-        teacher.model,
-        teacher.api_key_env,
-        timeout_s=teacher.chat_timeout_s,
-        max_retries=teacher.chat_max_retries,
-        backoff_s=teacher.chat_backoff_s,
-        max_backoff_s=teacher.chat_max_backoff_s,
-        temperature=teacher.chat_temperature,
-        max_tokens=teacher.chat_max_tokens,
-        concurrency=teacher.chat_concurrency,
-        stop=stop,
-    )
+    endpoint = _endpoint(teacher, stop)
     job = _Job(endpoint, prompts, teacher, image_prefix)
     fatal: BaseException | None = None
     with (
@@ -252,11 +263,7 @@ def generate(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     # counted after the pool has finished, so requests still in flight at a stop are included
-    counts = endpoint.counts
-    stats.malformed_replies = job.malformed
-    stats.requests, stats.completions = counts.requests, counts.completions
-    stats.prompt_tokens, stats.completion_tokens = counts.prompt_tokens, counts.completion_tokens
-    stats.without_usage, stats.retried = counts.without_usage, dict(counts.retried)
+    stats.count_requests(endpoint.counts, job.malformed)
     stats.seconds = time.monotonic() - start
     log.info("chat teacher: %s", stats.summary())
     if fatal is not None:

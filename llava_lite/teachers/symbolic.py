@@ -28,8 +28,10 @@ from collections.abc import Iterable
 
 from .. import facts
 from ..coco import SymbolicContext
-from ..facts import COLOURS, Obj, article, count_phrase, plural, unique_by
+from ..facts import COLOURS, article, plural, unique_by
 from . import questions
+from .reasoning import complex_reasoning
+from .sentences import cap, counted, is_at, is_rel, listing, the, there_are
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +56,6 @@ BRIEF_INSTRUCTIONS = (
 )
 
 
-# ----------------------------------------------------------------- fact sentences
-def _counted(objs: list[Obj]) -> Counter:
-    return Counter(o.kind for o in objs)
-
-
-def there_are(n: int, noun: str) -> str:
-    return f"there {'is' if n == 1 else 'are'} {count_phrase(n, noun)}"
-
-
-def the(o: Obj | str) -> str:
-    return f"the {o if isinstance(o, str) else o.name}"
-
-
-def is_at(o: Obj) -> str:
-    return f"{the(o)} is {facts.region_phrase(o)}"
-
-
-def is_rel(a: Obj, rel: str, b: Obj) -> str:
-    return f"{the(a)} is {facts.RELATION_PHRASES[rel]} {the(b)}"
-
-
-def listing(objs: list[Obj]) -> str:
-    """``a red circle, two blue squares and a person``: every object, grouped by name."""
-    names = Counter(o.name for o in objs)
-    parts = [article(n) if k == 1 else count_phrase(k, n) for n, k in names.items()]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def cap(s: str) -> str:
-    return s[0].upper() + s[1:]
-
-
 # ----------------------------------------------------------------- conversation
 def _qa_objects(objs, rng):
     q = rng.choice(
@@ -101,7 +71,7 @@ def _qa_objects(objs, rng):
 
 
 def _qa_count(objs, rng):
-    kinds = _counted(objs)
+    kinds = counted(objs)
     kind = rng.choice(sorted(kinds))
     n = kinds[kind]
     q = rng.choice(
@@ -123,7 +93,7 @@ def _qa_total(objs, rng):
 
 
 def _qa_colour(objs, rng):
-    kinds = _counted(objs)
+    kinds = counted(objs)
     cands = [o for o in objs if o.colour and kinds[o.kind] == 1]
     if not cands:
         return None
@@ -263,108 +233,6 @@ def detail(ctx: SymbolicContext, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-# ----------------------------------------------------------------- complex reasoning
-def _cx_more(objs, rng):
-    kinds = _counted(objs)
-    pool = sorted(set(kinds) | ({"circle", "square", "triangle"} if objs[0].colour else set()))
-    if len(pool) < 2:
-        return None
-    a, b = rng.sample(pool, 2)
-    na, nb = kinds.get(a, 0), kinds.get(b, 0)
-    q = f"Are there more {plural(a)} than {plural(b)} in the image?"
-    verdict = "yes" if na > nb else "no"
-    cmp = "more than" if na > nb else "the same as" if na == nb else "fewer than"
-    steps = (
-        f"First I count the {plural(a)}: {there_are(na, a)}. Then the {plural(b)}: {there_are(nb, b)}. "
-        f"{cap(count_phrase(na, a))} is {cmp} {count_phrase(nb, b)}, so the answer is {verdict}."
-    )
-    return q, steps
-
-
-def _cx_remove(objs, rng):
-    colours = Counter(o.colour for o in objs if o.colour)
-    if not colours:
-        kinds = _counted(objs)
-        kind = rng.choice(sorted(kinds))
-        n, k = len(objs), kinds[kind]
-        q = f"If every {kind} left the picture, how many objects would remain?"
-        return q, (
-            f"Altogether {there_are(n, 'object')}. Of these, {there_are(k, kind)}. "
-            f"Taking away {k} of {n} leaves {count_phrase(n - k, 'object')}."
-        )
-    colour = rng.choice(sorted(colours))
-    n, k = len(objs), colours[colour]
-    q = f"If all the {colour} shapes were removed, how many shapes would be left?"
-    return q, (
-        f"Altogether {there_are(n, 'shape')}. Of these, {there_are(k, colour + ' shape')}. "
-        f"Removing {k} of {n} leaves {count_phrase(n - k, 'shape')}."
-    )
-
-
-def _cx_leftmost(objs, rng):
-    if len(objs) < 2:
-        return None
-    side = rng.choice(["left", "right"])
-    ordered = sorted(objs, key=lambda o: o.cx, reverse=(side == "right"))
-    first, second = ordered[0], ordered[1]
-    if abs(first.cx - second.cx) < 0.05 or first.name not in {o.name for o in unique_by(objs)}:
-        return None
-    q = f"Which object is furthest to the {side}, and what is it next to?"
-    steps = [
-        f"Comparing the horizontal positions of all {len(objs)} objects, {the(first)} is furthest to the {side}; "
-        f"{is_at(first)}."
-    ]
-    near = [o for o in unique_by(objs) if o is not first and facts.next_to(first, o)]
-    if near:
-        steps.append(f"Checking the gaps between boxes, {the(first)} is next to {the(near[0])}.")
-    else:
-        steps.append("Checking the gaps between boxes, nothing is close to it, so it stands on its own.")
-    return q, " ".join(steps)
-
-
-def _cx_big_small(objs, rng):
-    u = unique_by(objs)
-    if len(u) < 2:
-        return None
-    big, small = max(u, key=lambda o: o.area), min(u, key=lambda o: o.area)
-    if big.area < 1.5 * small.area:
-        return None
-    rel = facts.relation(big, small)
-    if not rel:
-        return None
-    q = "Where is the largest object compared with the smallest one?"
-    return q, (
-        f"First I find the largest object by the size of its box: it is {the(big)}. "
-        f"The smallest is {the(small)}. Comparing their positions, {is_rel(big, rel, small)}."
-    )
-
-
-def _cx_half(objs, rng):
-    axis, side = rng.choice([("x", "left"), ("x", "right"), ("y", "top"), ("y", "bottom")])
-    noun = "shape" if objs[0].colour else "object"
-    centre = (lambda o: o.cx) if axis == "x" else (lambda o: o.cy)
-    inside = [o for o in objs if (centre(o) < 0.5) == (side in ("left", "top"))]
-    q = f"How many {plural(noun)} have their centre in the {side} half of the image, and which are they?"
-    steps = f"I look at the centre of each of the {len(objs)} boxes and keep those in the {side} half. "
-    if not inside:
-        return q, steps + "None of them is there, so the answer is zero."
-    return q, steps + f"That leaves {listing(inside)}, so {count_phrase(len(inside), noun)} in all."
-
-
-COMPLEX = (_cx_more, _cx_remove, _cx_leftmost, _cx_big_small, _cx_half)
-
-
-def complex_reasoning(ctx: SymbolicContext, rng: random.Random) -> tuple[str, str] | None:
-    if not ctx.objects:
-        return None
-    for make in rng.sample(COMPLEX, len(COMPLEX)):
-        qa = make(ctx.objects, rng)
-        if qa:
-            return qa
-    return None
-
-
-# ----------------------------------------------------------------- samples
 def _conversations(turns: list[tuple[str, str]], rng: random.Random) -> list[dict]:
     """LLaVA's turn list, with ``<image>`` on the first or last line of the first human turn."""
     out = []
