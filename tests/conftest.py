@@ -7,6 +7,8 @@ import pytest
 from llava_lite import world
 from llava_lite.config import WorldConfig
 
+from llava_fixtures import tiny_llava, tiny_tokenizer, world_samples
+
 
 @pytest.fixture(scope="session")
 def outputs_dir(tmp_path_factory) -> Path:
@@ -32,3 +34,22 @@ def small_world(tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The test tokenizer (the shipped tiny LM's), one per test module: models may add tokens to it."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """Symbolic-teacher samples of 40 scenes (captions, conversations, exact questions)."""
+    return world_samples(40)[1]
+
+
+@pytest.fixture(scope="module")
+def exact_setup():
+    """A tokenizer, a tiny untrained LLaVA over it, and exact-question samples of 30 scenes."""
+    tok = tiny_tokenizer()
+    return tok, tiny_llava(tok, seed=3), world_samples(30, kinds=("exact",))[1]

@@ -7,22 +7,12 @@ from transformers import PreTrainedTokenizerFast
 
 from llava_lite import conversation as conv
 
-from llava_fixtures import tiny_tokenizer, world_samples
+from llava_fixtures import tiny_tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return world_samples(40)[1]
 
 
 def _answer_tokens(tok, sample, template_name):

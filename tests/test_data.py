@@ -5,17 +5,7 @@ import pytest
 from llava_lite import conversation as conv
 from llava_lite.data import Collator, encode_samples, padding_share, plan_batches
 
-from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_tokenizer, world_samples
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return world_samples(40)[1]
+from llava_fixtures import NUM_IMAGE_TOKENS, fake_features
 
 
 def test_overlong_sample_is_cut_at_a_turn_boundary_or_dropped_never_through_the_image(tok, samples):

@@ -6,19 +6,11 @@ import pytest
 from llava_lite import conversation as conv
 from llava_lite import evaluate as ev
 
-from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples
+from llava_fixtures import fake_features
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tok = tiny_tokenizer()
-    model = tiny_llava(tok, seed=3)
-    samples = world_samples(30, kinds=("exact",))[1]
-    return tok, model, samples
-
-
-def test_every_question_of_an_exact_sample_becomes_one_item(setup):
-    _, _, samples = setup
+def test_every_question_of_an_exact_sample_becomes_one_item(exact_setup):
+    _, _, samples = exact_setup
     items = ev.exact_items(samples)
     assert len(items) == sum(len(s["qtypes"]) for s in samples)
     assert all("<image>" not in it.question and it.answer for it in items)
@@ -64,16 +56,16 @@ def test_score_gives_each_types_most_common_answer_share_when_records_carry_the_
     assert "baseline" not in without and without["accuracy"] == s["accuracy"]
 
 
-def test_blind_samples_have_no_image_anywhere(setup):
-    _, _, samples = setup
+def test_blind_samples_have_no_image_anywhere(exact_setup):
+    _, _, samples = exact_setup
     for s in ev.blind_samples(samples):
         assert "image" not in s and all("<image>" not in t["value"] for t in s["conversations"])
 
 
-def test_mean_loss_matches_the_language_model_loss_and_describe_answers_each_image(setup):
+def test_mean_loss_matches_the_language_model_loss_and_describe_answers_each_image(exact_setup):
     from llava_lite.data import Collator, encode_samples
 
-    tok, model, samples = setup
+    tok, model, samples = exact_setup
     template = conv.get_template("chat", tok)
     examples, _ = encode_samples(samples[:1], template, 4, 256)
     collate = Collator(tok.pad_token_id, features=fake_features)

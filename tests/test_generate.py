@@ -10,19 +10,11 @@ from llava_lite import conversation as conv
 from llava_lite import evaluate as ev
 from llava_lite.generate import evaluating, greedy_replies, question_prompt, stop_id
 
-from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava, tiny_tokenizer, world_samples
+from llava_fixtures import NUM_IMAGE_TOKENS, fake_features
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tok = tiny_tokenizer()
-    model = tiny_llava(tok, seed=3)
-    samples = world_samples(30, kinds=("exact",))[1]
-    return tok, model, samples
-
-
-def test_batched_left_padded_generation_equals_one_at_a_time(setup):
-    tok, model, samples = setup
+def test_batched_left_padded_generation_equals_one_at_a_time(exact_setup):
+    tok, model, samples = exact_setup
     template = conv.get_template("chat", tok)
     items = ev.exact_items(samples)[:12]
     batched = ev.ask_llava(model, template, tok, items, fake_features, batch_size=12)
@@ -77,8 +69,8 @@ def test_greedy_replies_drop_the_prompt_when_generate_returns_it():
     assert greedy_replies(generate, [[1, 2], [3]], PAD, STOP, str, returns_prompt=True) == ["[42, 42]", "[42, 42]"]
 
 
-def test_question_prompt_holds_one_slot_per_patch_token_and_ends_on_the_assistants_opening(setup):
-    tok, model, _ = setup
+def test_question_prompt_holds_one_slot_per_patch_token_and_ends_on_the_assistants_opening(exact_setup):
+    tok, model, _ = exact_setup
     template = conv.get_template("chat", tok)
     ids = question_prompt(model, template, "What colour is the circle?")
     assert ids.count(model.image_token_id) == NUM_IMAGE_TOKENS
@@ -106,10 +98,10 @@ def test_stop_id_is_the_token_that_ends_an_assistant_turn(end):
     assert stop_id(tok) == tok.convert_tokens_to_ids(end) != tok.eos_token_id
 
 
-def test_stop_id_is_eos_when_no_end_of_turn_token_exists(setup):
+def test_stop_id_is_eos_when_no_end_of_turn_token_exists(exact_setup):
     tok = _tokenizer([])
     assert stop_id(tok) == tok.eos_token_id == 1
-    shipped = setup[0]
+    shipped = exact_setup[0]
     assert stop_id(shipped) == shipped.convert_tokens_to_ids("<|end|>")
 
 

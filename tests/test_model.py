@@ -9,17 +9,7 @@ from llava_lite import conversation as conv
 from llava_lite.data import Collator, encode_samples
 from llava_lite.model import apply_lora, merge_lora, token_loss
 
-from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava, tiny_tokenizer, world_samples
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return world_samples(40)[1]
+from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava
 
 
 def test_image_placeholders_and_features_must_agree(tok, samples):

@@ -13,17 +13,7 @@ from llava_lite.data import Collator, encode_samples
 from llava_lite.model import apply_lora
 from llava_lite.train import TrainConfig, TrainingDiverged, latest_checkpoint, lr_factor, train
 
-from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava, tiny_tokenizer, world_samples
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return world_samples(40)[1]
+from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava
 
 
 def _setup(tok, samples, stage=1):
