@@ -348,7 +348,7 @@ def retrieval_table(
             "texts ranked": f"{PROTOCOLS['captions']}, a reader that knows which captions are true "
             f"({truth['no_true_rival']:.0%} of its queries have no true rival)",
             "recall@1": round(truth["r@1"], 3),
-            "recall@5": None,
+            "recall@5": "—",
         }
     )
     rows.append({"texts ranked": "chance", "recall@1": 0.01, "recall@5": 0.05})

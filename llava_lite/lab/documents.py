@@ -33,24 +33,8 @@ from .config import LMDocuments
 CAPTION_PROMPT = "Describe the image briefly."
 
 # the words that say what a question asks (two phrasings of one question share them)
-_CONTENT = {
-    "red",
-    "orange",
-    "yellow",
-    "green",
-    "blue",
-    "purple",
-    "circle",
-    "square",
-    "triangle",
-    "circles",
-    "squares",
-    "triangles",
-    "shape",
-    "shapes",
-    "object",
-    "objects",
-}
+_CONTENT = set("red orange yellow green blue purple circle square triangle circles squares triangles".split())
+_CONTENT |= {"shape", "shapes", "object", "objects"}
 
 
 def content_key(qa: ExactQA) -> tuple:
