@@ -228,9 +228,8 @@ def test_shipped_tiny_clip_meets_the_retrieval_target(shipped_clip_measured):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped tiny CLIP's pooled colour probe is ~0.89 (the naive setup of "
-    "../shared/TINY_WORLD_FINDINGS.md found the colours present ~99%); strict, so "
-    "reaching 0.9 turns this into a failure that asks to drop the mark",
+    reason="the shipped tiny CLIP's pooled colour probe is ~0.89 (data/pretrained/tiny-clip/LAB.md); "
+    "strict, so reaching 0.9 turns this into a failure that asks to drop the mark",
 )
 def test_shipped_tiny_clip_pooled_features_tell_the_colours_present(shipped_clip_measured):
     _, _, probe, _ = shipped_clip_measured
