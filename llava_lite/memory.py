@@ -29,7 +29,7 @@ class Estimate:
         return self.free is None or self.total < 0.9 * self.free
 
     def report(self) -> str:
-        g = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+        g = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
         lines = [
             f"weights {g(self.weights)}, gradients {g(self.gradients)}, optimizer state {g(self.optimizer)}, "
             f"activations {g(self.activations)}: total {g(self.total)}; free {g(self.free) if self.free else 'unknown'}"

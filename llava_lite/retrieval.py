@@ -232,11 +232,11 @@ def retrieval_report(
     """Image->text retrieval among ``group`` held-out scenes, three ways (each ``{"r@1", "r@5", "n"}``):
 
     - ``captions``: each of a scene's world captions in turn against the same-numbered caption
-      of the other scenes (:func:`~llava_lite.probes.retrieval_recall`). Many world captions fit
+      of the other scenes (:func:`retrieval_recall`). Many world captions fit
       several scenes ("A picture of three objects."), so seeing the image cannot settle this one:
       :func:`caption_truth_oracle` is what a model that knows which captions are true scores;
     - ``scenes``: each image against all captions of its group, a hit being any of its own
-      (:func:`~llava_lite.probes.scene_recall`, the protocol of caption datasets such as COCO);
+      (:func:`scene_recall`, the protocol of caption datasets such as COCO);
     - ``descriptions``: one description per scene naming every object (:func:`heldout_descriptions`),
       which singles a scene out.
     """

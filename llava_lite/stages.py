@@ -4,10 +4,11 @@
     load_language / load_vision      the pretrained parts (shipped tiny ones, or hub/open_clip names)
     build_llava                      vision width -> projector -> LM, with <image> in the tokenizer
     split_features                   the feature cache of a split (extracted when missing)
-    stage_examples                   LLaVA samples of a stage -> tokenised examples
+    stage_samples / stage_examples   a split's LLaVA samples of a stage -> tokenised examples
     run_stage                        stage 1 or 2 through the one training loop
     prepare_stage2                   the stage-1 projector in place, LoRA adapters when asked
     load_stage                       a trained stage back from its checkpoint
+    train_stage / evaluate_checkpoint   what ``llava-lite train`` / ``llava-lite evaluate`` run
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def plot_curves(
 def table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = "{:.3f}") -> str:
     """A markdown table (renders in notebooks through ``IPython.display.Markdown``)."""
     columns = list(columns or rows[0].keys())
-    fmt = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -185,7 +185,7 @@ def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2
 
 
 def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
-    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.patches.pca_rgb`)."""
+    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.probes.pca_rgb`)."""
 
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale), squeeze=False)

@@ -5,6 +5,7 @@ import pytest
 
 from llava_lite import conversation as conv
 from llava_lite import evaluate as ev
+from llava_lite.data import Collator, encode_samples
 
 from llava_fixtures import fake_features
 
@@ -63,8 +64,6 @@ def test_blind_samples_have_no_image_anywhere(exact_setup):
 
 
 def test_mean_loss_matches_the_language_model_loss_and_describe_answers_each_image(exact_setup):
-    from llava_lite.data import Collator, encode_samples
-
     tok, model, samples = exact_setup
     template = conv.get_template("chat", tok)
     examples, _ = encode_samples(samples[:1], template, 4, 256)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from llava_lite import world
+from llava_lite import cli, world
 from llava_lite.config import WorldConfig
 from llava_lite.features import FeatureReader, cache_folder, extract, split_images
 from llava_lite.vision import ImageReadError, VisionTower
@@ -110,8 +110,6 @@ def test_unknown_image_id_names_the_folder(split, tmp_path):
 
 
 def test_cli_caches_a_split_with_the_presets_tower_in_a_folder_named_by_its_key(small_world, tmp_path):
-    from llava_lite import cli
-
     out = tmp_path / "features"
     assert (
         cli.main(

@@ -6,12 +6,7 @@ import torch
 from llava_lite import memory
 from llava_lite.train import set_trainable
 
-from llava_fixtures import tiny_llava, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from llava_fixtures import tiny_llava
 
 
 def test_memory_estimate_names_the_setting_to_change_instead_of_running_out(tok, monkeypatch):

@@ -73,16 +73,16 @@ def _logits_and_labels(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_summed_token_loss_is_exactly_the_training_loops_former_cross_entropy(dtype):
+def test_summed_token_loss_is_exactly_the_shifted_cross_entropy_in_fp32(dtype):
     logits, labels = _logits_and_labels(dtype)
-    former = F.cross_entropy(
+    shifted = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
     got = token_loss(logits, labels, reduction="sum")
-    assert got.dtype == torch.float32 and torch.equal(got, former)
+    assert got.dtype == torch.float32 and torch.equal(got, shifted)
 
 
 def test_mean_token_loss_is_the_sum_over_the_learned_tokens():

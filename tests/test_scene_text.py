@@ -41,11 +41,13 @@ def _read_table(table: str, qa) -> str:
     names = rows["objects"]  # always colour first
     words = re.findall(r"[a-z]+", qa.question.lower())
     named = [f"{a} {b}" for a, b in zip(words, words[1:]) if f"{a} {b}" in COLOUR_SHAPES]
-    value = lambda key, name: next(
-        e.rsplit(" ", 1)[1]
-        for e in rows[key]  # noqa: E731
-        if sorted(e.rsplit(" ", 1)[0].split()) == sorted(name.split())
-    )  # either word order
+
+    def value(key: str, name: str) -> str:
+        """What line ``key`` says of ``name`` (its words in either order)."""
+        return next(
+            e.rsplit(" ", 1)[1] for e in rows[key] if sorted(e.rsplit(" ", 1)[0].split()) == sorted(name.split())
+        )
+
     if qa.qtype == "colour":
         shape = next(w for w in words if w in SHAPES)
         return next(e.split()[1] for e in rows["colours"] if e.split()[0] == shape)
@@ -140,7 +142,7 @@ def test_sized_layout_repeats_each_size_small_ones_first(tmp_path):
         sizes = [e.rsplit(" ", 1)[1] for e in rows["small to large"]]
         assert sizes == sorted(sizes, key=lambda w: w == "large"), rows
         mixed += len(set(sizes)) == 2
-        # a size question is answered by the word after its name in the new line
+        # a size question is answered by the word after its name in the small to large line
         for qa in exact_questions(ctx.objects, rng, 8):
             if qa.qtype == "size":
                 name = re.search(r"Is the (\w+ \w+) ", qa.question).group(1)

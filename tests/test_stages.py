@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.commands.config.config_args import ClusterConfig
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_lite import stages
 from llava_lite.config import LanguageConfig, get_preset
+from llava_lite.paths import PACKAGE_DIR
 from llava_lite.train import latest_checkpoint, read_metrics
 
-from llava_fixtures import fake_features, tiny_llava, tiny_tokenizer, world_samples
+from llava_fixtures import fake_features, tiny_llava, world_samples
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 class Tower:
@@ -180,11 +177,7 @@ def test_two_cpu_processes_stay_identical_and_match_one_process(tmp_path):
 def test_launch_configs_parse_as_accelerate_configs():
     """The shipped accelerate configs load as accelerate's own config class (what `accelerate
     launch --config_file` reads): DeepSpeed ZeRO-2 and multi-GPU DDP."""
-    from accelerate.commands.config.config_args import ClusterConfig
-
-    import llava_lite
-
-    folder = Path(llava_lite.__file__).parent / "launch"
+    folder = PACKAGE_DIR / "launch"
     zero2 = ClusterConfig.from_yaml_file(folder / "deepspeed_zero2.yaml")
     assert str(zero2.distributed_type).endswith("DEEPSPEED") and zero2.deepspeed_config["zero_stage"] == 2
     ddp = ClusterConfig.from_yaml_file(folder / "ddp_multi_gpu.yaml")

@@ -1,15 +1,17 @@
 """The symbolic teacher states only facts that follow from the context, in every response type."""
 
+import random
 import re
 from collections import Counter
 
 import pytest
 
-from llava_lite import facts, world
+from llava_lite import facts, io, world
 from llava_lite.coco import SymbolicContext
 from llava_lite.config import WorldConfig
 from llava_lite.facts import COLOURS, NUMBER_WORDS, SHAPES, Obj
-from llava_lite.teachers import symbolic
+from llava_lite.paths import Layout
+from llava_lite.teachers import instruct, symbolic
 
 NUM = "|".join(NUMBER_WORDS)
 COL = "|".join(COLOURS)
@@ -198,17 +200,13 @@ def test_questions_vary_in_wording():
 
 def test_caption_samples_use_a_brief_instruction_and_a_real_caption():
     ctx = COCO_CONTEXTS[0]
-    s = symbolic.sample(ctx, "caption", __import__("random").Random(0))
+    s = symbolic.sample(ctx, "caption", random.Random(0))
     q = s["conversations"][0]["value"].replace("<image>", "").strip()
     assert q in symbolic.BRIEF_INSTRUCTIONS and len(symbolic.BRIEF_INSTRUCTIONS) >= 11
     assert s["conversations"][1]["value"] in ctx.captions
 
 
 def test_instruction_data_is_rebuilt_when_the_world_is_redrawn(tmp_path):
-    from llava_lite import io
-    from llava_lite.paths import Layout
-    from llava_lite.teachers import instruct
-
     layout = Layout(tmp_path)
     world.generate(WorldConfig(splits={"val": 5}, seed=1), layout.world, progress=False)
     first = io.read_json(instruct.build_split(layout, "val"))

@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_lite.config import WorldConfig
+from llava_lite.probes import shape_colour_probe
+from llava_lite.retrieval import heldout_descriptions, heldout_scenes, load_clip, retrieval_report
 from llava_lite.vision import SHIPPED, ImageReadError, VisionTower, load_image, normalise
 
 TINY_CFG = {
@@ -175,10 +178,6 @@ def test_truncated_jpeg_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def shipped_clip_measured():
     """The shipped tiny CLIP measured afresh: retrieval and probes on 1000 scenes it never saw."""
-    from llava_lite.config import WorldConfig
-    from llava_lite.probes import shape_colour_probe
-    from llava_lite.retrieval import heldout_descriptions, heldout_scenes, load_clip, retrieval_report
-
     folder = SHIPPED["tiny-clip"]
     card = json.loads((folder / "metrics.json").read_text())
     world_cfg = WorldConfig(**card["config"]["world"])
@@ -208,7 +207,7 @@ def test_shipped_tiny_clip_loads_and_measures_what_its_card_says(shipped_clip_me
 
 @pytest.mark.slow
 def test_shipped_tiny_clip_features_carry_shape(shipped_clip_measured):
-    """Issue 4's check: a linear probe on pooled patch features finds the shapes present >= 90%."""
+    """The tiny CLIP's target: a linear probe on pooled patch features finds the shapes present >= 90%."""
     _, _, probe, _ = shipped_clip_measured
     assert probe["shape"]["accuracy"] >= 0.9, probe
     assert probe["shape"]["accuracy"] > probe["shape"]["majority"] + 0.15, probe
@@ -216,7 +215,7 @@ def test_shipped_tiny_clip_features_carry_shape(shipped_clip_measured):
 
 @pytest.mark.slow
 def test_shipped_tiny_clip_meets_the_retrieval_target(shipped_clip_measured):
-    """Issue 4's check: recall@1 >= 0.8 among 100 held-out scenes, with texts that tell the scenes
+    """The tiny CLIP's target: recall@1 >= 0.8 among 100 held-out scenes, with texts that tell the scenes
     apart: each scene's description (every object named), and all five world captions of each
     scene ranked together (the caption datasets' protocol). One world caption at a time is not
     counted: too many of them fit several scenes (the card's truth-reader row)."""

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from llava_lite import facts, world
+from llava_lite.cli import main
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
 
@@ -164,8 +165,6 @@ def test_relations_stated_in_captions_hold_for_the_boxes():
 
 
 def test_cli_writes_the_requested_splits(tmp_path):
-    from llava_lite.cli import main
-
     assert main(["world", "--out", str(tmp_path), "--split", "train=5", "--split", "test=2", "--image-size", "32"]) == 0
     inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     assert len(inst["images"]) == 5 and inst["images"][0]["width"] == 32

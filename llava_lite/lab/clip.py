@@ -6,7 +6,7 @@ LLaVA starts from OpenAI's CLIP; the ``tiny`` preset starts from this one, train
 
     open_clip_config.json        model_cfg + preprocess_cfg
     open_clip_model.safetensors  the weights
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json   a word-level tokenizer
+    tokenizer.json, tokenizer_config.json   a word-level tokenizer
 
 so ``open_clip.create_model_and_transforms("local-dir:data/pretrained/tiny-clip")`` and
 ``open_clip.get_tokenizer("local-dir:data/pretrained/tiny-clip")`` load it like any model.

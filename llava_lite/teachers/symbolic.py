@@ -3,15 +3,16 @@
 It stands where the paper's text-only GPT stands: it reads the captions and boxes (never the
 pixels) and writes the three response types of the paper, ``conversation``, ``detail`` and
 ``complex``, plus stage-1 ``caption`` samples and ``exact`` (one short checkable answer per
-question) samples. Every fact it states is one of a few sentence forms built from
-:mod:`llava_lite.facts`, so a test can parse the text back and check it against the boxes:
+question) samples. Every fact it states is one of a few sentence forms
+(:mod:`llava_lite.teachers.sentences`, built from :mod:`llava_lite.facts`), so a test can parse
+the text back and check it against the boxes:
 
-    there are three circles            (counts)
-    the circle is red                                                    (colours)
-    the red circle is in the top left corner                              (regions)
-    the red circle is to the left of the blue square                     (relations)
-    the red circle is large                                              (sizes)
-    there is no green square                                             (absence)
+    there are three circles                             (counts)
+    the circle is red                                   (colours)
+    the red circle is in the top left corner            (regions)
+    the red circle is to the left of the blue square    (relations)
+    the red circle is large                             (sizes)
+    there is no green square                            (absence)
 
 The wording around those facts, and every question, varies. Works on the shapes world and on
 real COCO contexts (objects without colours, people, crowded scenes) alike.

@@ -96,7 +96,7 @@ def test_documents_are_read_in_the_sized_layout_only():
 def test_a_step_gets_the_same_batch_from_a_fresh_stream(small_tokenizer):
     tok, contexts = small_tokenizer
     docs = LMDocuments(qa_per_doc=2, length_group=4, text_share=0.5)
-    make = lambda seed: DocStream(contexts[:50], get_template("roles", tok), docs, 3, seed, tok.pad_token_id)  # noqa: E731
+    make = lambda seed: DocStream(contexts[:50], get_template("roles", tok), docs, 3, seed, tok.pad_token_id)
     a, b = make(0), make(0)
     for s in (5, 0, 9, 5):  # in any order, across length groups
         assert all(torch.equal(x, y) for x, y in zip(a.batch(s), b.batch(s)))

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from llava_lite import jsonl
+from llava_lite.envcheck import training_device
 from llava_lite.lab.config import LMArchitecture, LMDocuments, LMRuntime, LMTraining
 from llava_lite.lab.lm import heldout_perplexity, load_tiny_lm, lr_at, pretrain_lm, text_only_accuracy
 from llava_lite.paths import PRETRAINED_DIR
@@ -226,8 +227,6 @@ def test_wsd_schedule_holds_then_decays_to_min_lr():
 def test_training_device_names_what_is_missing(monkeypatch):
     """``--device`` of the backbone trainers: a GPU that is not here, or a name torch does not know,
     fails at once with the flag in the message (before any data is loaded)."""
-    from llava_lite.envcheck import training_device
-
     assert training_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="not a device name"):
         training_device("gpu0")
