@@ -93,7 +93,7 @@ def train_compare(steps: int) -> dict | None:
     """Stage 2 for ``steps`` steps from the latest stage-1 checkpoint, fp32 vs bf16: held-out loss."""
     from dataclasses import replace
 
-    from llava_lite import stages as pl
+    from llava_lite import stages
     from llava_lite.data import Collator
     from llava_lite.evaluate import mean_loss
     from llava_lite.paths import Layout
@@ -101,42 +101,42 @@ def train_compare(steps: int) -> dict | None:
 
     preset = get_preset("tiny")
     layout = Layout.for_preset("tiny")
-    stage1 = latest_checkpoint(pl.run_dir(layout, 1))
+    stage1 = latest_checkpoint(stages.run_dir(layout, 1))
     if stage1 is None or not (layout.instruct / "val.json").exists():
         print(
             f"(no tiny stage-1 checkpoint or instruction data under {layout.root}: skipping the training comparison; "
             "run notebooks 00-03 first)"
         )
         return None
-    tower = pl.load_vision(preset.vision)
+    tower = stages.load_vision(preset.vision)
     out = {}
     from accelerate.state import AcceleratorState
 
     for precision in ("fp32", "bf16"):
         AcceleratorState._reset_state(True)  # accelerate keeps one state per process; each run sets its own
-        lm, tok = pl.load_language(preset.language)
-        model = pl.build_llava(preset, lm, tok, tower)
-        pl.prepare_stage2(preset, model, stage1, lora=False)
+        lm, tok = stages.load_language(preset.language)
+        model = stages.build_llava(preset, lm, tok, tower)
+        stages.prepare_stage2(preset, model, stage1, lora=False)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            pl.run_stage(
+            stages.run_stage(
                 replace(preset, stage2=replace(preset.stage2, precision=precision)),
                 model,
                 tok,
-                pl.split_features(layout, "train", tower, progress=False),
+                stages.split_features(layout, "train", tower, progress=False),
                 2,
-                pl.stage_samples(layout, "train", 2),
+                stages.stage_samples(layout, "train", 2),
                 Path(tmp),
                 accelerator=make_accelerator(precision),
                 progress=False,
                 max_steps=steps,
             )
         seconds = time.perf_counter() - t0
-        _, val, _ = pl.stage_examples(
-            preset, tok, pl.stage_samples(layout, "val", 2)[:400], 2, model.config.num_image_tokens
+        _, val, _ = stages.stage_examples(
+            preset, tok, stages.stage_samples(layout, "val", 2)[:400], 2, model.config.num_image_tokens
         )
         loss = mean_loss(
-            model, val, Collator(tok.pad_token_id, features=pl.split_features(layout, "val", tower, progress=False))
+            model, val, Collator(tok.pad_token_id, features=stages.split_features(layout, "val", tower, progress=False))
         )
         out[precision] = {"seconds": seconds, "val_loss": loss}
     return out

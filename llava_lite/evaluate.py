@@ -101,37 +101,38 @@ def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
     ]
 
 
+def top_answers(rows: Sequence[dict] | Sequence[Item]) -> dict[str, tuple[str, int]]:
+    """Each question type's most frequent true answer and how often it is the answer."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        qtype, answer = (r["qtype"], r["answer"]) if isinstance(r, dict) else (r.qtype, r.answer)
+        answers[qtype][answer] += 1
+    return {t: c.most_common(1)[0] for t, c in answers.items()}
+
+
 def score(recs: Sequence[dict]) -> dict:
     """Overall and per-type accuracy of per-question records, with each type's question count and,
     when the records carry the true ``answer``, its most-common-answer share (``baseline``)."""
-    per, answers = defaultdict(list), defaultdict(Counter)
+    per = defaultdict(list)
     for r in recs:
         per[r["qtype"]].append(r["correct"])
-        if "answer" in r:
-            answers[r["qtype"]][r["answer"]] += 1
-    out = {
-        "overall": sum(r["correct"] for r in recs) / max(1, len(recs)),
-        "questions": len(recs),
-        "accuracy": {},
-        "count": {},
-    }
-    if answers:
+    out = {"overall": sum(r["correct"] for r in recs) / max(1, len(recs)), "questions": len(recs), "accuracy": {},
+           "count": {}}  # fmt: skip
+    top = top_answers(recs) if recs and all("answer" in r for r in recs) else None
+    if top:
         out["baseline"] = {}
     for t in QTYPES:
         if per[t]:
             out["accuracy"][t] = sum(per[t]) / len(per[t])
             out["count"][t] = len(per[t])
-            if answers:
-                out["baseline"][t] = answers[t].most_common(1)[0][1] / len(per[t])
+            if top:
+                out["baseline"][t] = top[t][1] / len(per[t])
     return out
 
 
 def most_common_answer(items: Sequence[Item]) -> dict:
     """The baseline that always gives each type's most frequent answer (on these very items)."""
-    answers = defaultdict(Counter)
-    for it in items:
-        answers[it.qtype][it.answer] += 1
-    top = {t: c.most_common(1)[0][0] for t, c in answers.items()}
+    top = {t: answer for t, (answer, _) in top_answers(items).items()}
     result = score([{"qtype": it.qtype, "correct": it.answer == top[it.qtype]} for it in items])
     result["answers"] = top
     return result

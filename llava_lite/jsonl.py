@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from . import io
+
 log = logging.getLogger(__name__)
 
 
@@ -60,3 +62,8 @@ def append(f: IO[str], record: dict) -> None:
     """Write one record as one line and push it to the operating system."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """All of ``records`` as a JSON Lines file, one a line, written atomically (a reader never sees half of it)."""
+    io.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -4,6 +4,7 @@ A notebook keeps its smoke sizes in its own metadata (``metadata.llava_lite.smok
 so a new lesson is picked up here with no change to this file.
 """
 
+import ast
 import json
 import subprocess
 import sys
@@ -41,6 +42,21 @@ def test_committed_notebook_is_clean_and_declares_its_smoke_parameters(path: Pat
     assert smoke, f"{path.name}: metadata.llava_lite.smoke_parameters is missing"
     unknown = [k for k in smoke if f"\n{k} =" not in "\n" + params]
     assert not unknown, f"{path.name}: smoke parameters {unknown} are not defined in its parameters cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_lesson_cells_are_short_define_nothing_and_leave_the_work_to_the_package(path: Path):
+    """A notebook explains and calls; a function, a class or a long cell belongs in llava_lite/, and
+    every lesson after 00 (which shows the preset, the layout and the world step by step) prepares
+    its parts with one lesson.setup call."""
+    cells = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    long = [i for i, src in enumerate(cells) if len(src.splitlines()) > 15]
+    assert not long, f"{path.name}: code cells {long} have more than 15 lines"
+    defined = [(i, type(node).__name__) for i, src in enumerate(cells) for node in ast.walk(ast.parse(src))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]  # fmt: skip
+    assert not defined, f"{path.name}: cells define {defined}"
+    if not path.name.startswith("00"):
+        assert sum(src.count("lesson.setup(") for src in cells) == 1, f"{path.name}: expected one lesson.setup call"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

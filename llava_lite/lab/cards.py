@@ -25,7 +25,7 @@ def _savefig(fig, path: str | Path) -> None:
 def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> None:
     """The tiny LM's ``log.jsonl`` drawn: training loss (raw and smoothed) and held-out accuracy
     per question type against steps."""
-    import matplotlib  # matplotlib only when a card is drawn
+    import matplotlib  # the file backend is chosen here, only when a card is drawn (a notebook keeps its own)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,7 +51,7 @@ def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> No
 
 def plot_log(rows: list[dict], path: str | Path) -> None:
     """The tiny CLIP's training rows drawn: contrastive loss, and held-out recall@1/@5 at each eval."""
-    import matplotlib  # matplotlib only when a card is drawn
+    import matplotlib  # the file backend is chosen here, only when a card is drawn (a notebook keeps its own)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,7 +17,6 @@ negatives, are :mod:`llava_lite.lab.clip_texts`; the measures, :func:`llava_lite
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -32,7 +31,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import coco, io
+from .. import coco, io, jsonl
 from ..config import WorldConfig, get_preset
 from ..envcheck import training_device
 from ..facts import Obj
@@ -304,7 +303,7 @@ def train(
         }
     )
     io.write_json(out / "metrics.json", metrics, indent=2)
-    io.write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    jsonl.write_jsonl(out / "train_log.jsonl", rows)
     plot_log(rows, out / "loss.png")
     io.write_text(out / "README.md", clip_card(arch, texts, training, metrics, command))
     return metrics

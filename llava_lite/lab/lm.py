@@ -10,7 +10,6 @@ the whole recipe behind ``llava-lite backbones lm`` and the card in ``data/pretr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -211,7 +210,7 @@ def _keep_log(path: Path, step: int) -> None:
     """Keep the lines of ``log.jsonl`` that a checkpoint at ``step`` covers (none on a fresh start)."""
     if path.exists():
         kept = [rec for _, rec in jsonl.read_jsonl(path) if rec["step"] <= step]
-        io.write_text(path, "".join(json.dumps(rec) + "\n" for rec in kept))
+        jsonl.write_jsonl(path, kept)
 
 
 def _eval_row(step: int, seconds: float, m: dict) -> dict:

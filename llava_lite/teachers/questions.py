@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .. import facts
 from ..facts import COLOURS, NUMBER_WORDS, SHAPES, Obj, unique_by
@@ -27,9 +27,6 @@ class ExactQA:
     qtype: str
     question: str
     answer: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _the(name: str) -> str:

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoTokenizer
 
 from llava_lite import jsonl
-from llava_lite.envcheck import training_device
 from llava_lite.lab.config import LMArchitecture, LMDocuments, LMRuntime, LMTraining
 from llava_lite.lab.lm import heldout_perplexity, load_tiny_lm, lr_at, pretrain_lm, text_only_accuracy
 from llava_lite.paths import PRETRAINED_DIR
@@ -224,15 +223,9 @@ def test_wsd_schedule_holds_then_decays_to_min_lr():
         LMTraining(lr_schedule="linear")
 
 
-def test_training_device_names_what_is_missing(monkeypatch):
-    """``--device`` of the backbone trainers: a GPU that is not here, or a name torch does not know,
-    fails at once with the flag in the message (before any data is loaded)."""
-    assert training_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="not a device name"):
-        training_device("gpu0")
+def test_pretraining_on_a_missing_gpu_fails_before_any_data_is_read(monkeypatch):
+    """``--device cuda`` on a machine without a GPU stops at once, naming what is missing."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
-        training_device("cuda")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         pretrain_lm(
             [],
