@@ -161,15 +161,18 @@ def load_trained(model: LlavaLite, ckpt: Path) -> None:
 
 
 # ------------------------------------------------------------------ the loop
-def _token_loss_sum(model: LlavaLite, batch: dict) -> tuple[torch.Tensor, int]:
+def _token_loss_sum(model: LlavaLite, batch: dict, right_padded: bool) -> torch.Tensor:
+    """The summed token loss of one batch. A right-padded batch goes without its attention mask:
+    causal attention never looks right, so a real token never sees the padding after it, and the
+    padding's own outputs carry no loss; the unmasked causal path is the cheaper one."""
     out = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=None if right_padded else batch["attention_mask"],
         image_features=batch.get("image_features"),
         pixel_values=batch.get("pixel_values"),
         sample_ids=batch["sample_ids"],
     )
-    return token_loss(out.logits, batch["labels"], reduction="sum"), int((batch["labels"][:, 1:] != IGNORE).sum())
+    return token_loss(out.logits, batch["labels"], reduction="sum")
 
 
 def _resume(out_dir: Path, model: LlavaLite, optimizer, total: int) -> int:
@@ -198,13 +201,14 @@ def _accumulate(
     """Forward and backward over the micro-batches of one optimizer step (this process's share of
     each); returns the summed token loss. The loss is divided by the global batch's learned tokens."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    right_padded = getattr(collator, "side", "right") == "right"
     step_loss = torch.zeros((), device=device)
     for m, idx in enumerate(micro):
         batch = collator([examples[i] for i in idx[rank::world]])  # this process's share of the micro-batch
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ctx = accelerator.no_sync(model) if m < len(micro) - 1 else nullcontext()
         with ctx, accelerator.autocast():
-            loss_sum, _ = _token_loss_sum(model, batch)
+            loss_sum = _token_loss_sum(model, batch, right_padded)
             loss = loss_sum * world / max(1, n_tokens)  # DDP averages over processes
         if not torch.isfinite(loss):
             raise TrainingDiverged(
