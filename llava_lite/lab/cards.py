@@ -28,7 +28,7 @@ def plot_training(log_path: str | Path, png: str | Path, smooth: int = 25) -> No
     import matplotlib  # the file backend is chosen here, only when a card is drawn (a notebook keeps its own)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # once the backend is chosen
 
     rows = [rec for _, rec in jsonl.read_jsonl(log_path)]
     train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_overall" in r]
@@ -54,7 +54,7 @@ def plot_log(rows: list[dict], path: str | Path) -> None:
     import matplotlib  # the file backend is chosen here, only when a card is drawn (a notebook keeps its own)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # once the backend is chosen
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
