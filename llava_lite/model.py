@@ -12,7 +12,6 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .config import LlavaConfig
@@ -156,6 +155,8 @@ def apply_lora(
 ) -> LlavaLite:
     """Wrap the language model's linear layers with LoRA adapters (peft). The projector stays a
     full module that trains and is saved with the adapters, so a checkpoint never loses it."""
+    from peft import LoraConfig, get_peft_model  # peft takes seconds to import, and only LoRA needs it
+
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )

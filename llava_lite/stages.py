@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -67,6 +66,8 @@ def qlora_available() -> str | None:
 def _load_4bit(where: str, cfg: LanguageConfig):
     """The QLoRA base: weights quantised to 4-bit NF4 as they load, computing in bf16 (fp16 on
     cards without bf16), prepared for k-bit training (norms in fp32, input gradients on)."""
+    from peft import prepare_model_for_kbit_training  # peft takes seconds to import, and only QLoRA needs it
+
     why_not = qlora_available()
     if why_not:
         raise RuntimeError(
