@@ -164,7 +164,7 @@ def load_trained(model: LlavaLite, ckpt: Path) -> None:
 def _token_loss_sum(model: LlavaLite, batch: dict, right_padded: bool) -> torch.Tensor:
     """The summed token loss of one batch. A right-padded batch goes without its attention mask:
     causal attention never looks right, so a real token never sees the padding after it, and the
-    padding's own outputs carry no loss; the unmasked causal path is the cheaper one."""
+    padding's own outputs carry no loss (the same step, and as fast: ``benchmarks/loop_bench.py``)."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=None if right_padded else batch["attention_mask"],
