@@ -267,9 +267,10 @@ def _evaluate(sub) -> None:
     p.add_argument("--checkpoint", type=Path, help="default: the latest stage-2 checkpoint")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, help="per-question records (JSON); default beside the checkpoint")
+    p.add_argument("--blind", action="store_true", help="a blind baseline's checkpoint, asked without image tokens")
 
     def run(args):
-        summary = stages.evaluate_checkpoint(args.preset, args.checkpoint, args.split, args.out)
+        summary = stages.evaluate_checkpoint(args.preset, args.checkpoint, args.split, args.out, args.blind)
         log.info(
             "exact-answer accuracy on %s: %.3f %s",
             args.split,

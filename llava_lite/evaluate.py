@@ -138,6 +138,26 @@ def most_common_answer(items: Sequence[Item]) -> dict:
     return result
 
 
+def question_prior(train: Sequence[Item], items: Sequence[Item]) -> dict:
+    """The best a model that never sees the image can learn: for each question, the answer the
+    *training* items give it most often (a question never seen in training falls back to its
+    type's most frequent training answer). Counted, not trained, in a fraction of a second; the
+    blind model, trained without image tokens, lands on it. ``unseen``: questions that fell back."""
+    per_question: dict[str, Counter] = defaultdict(Counter)
+    for it in train:
+        per_question[it.question][it.answer] += 1
+    per_type = {t: answer for t, (answer, _) in top_answers(train).items()}
+    recs, unseen = [], 0
+    for it in items:
+        seen = per_question.get(it.question)
+        unseen += seen is None
+        guess = seen.most_common(1)[0][0] if seen else per_type.get(it.qtype)
+        recs.append({"qtype": it.qtype, "correct": guess == it.answer})
+    result = score(recs)
+    result["unseen"] = unseen
+    return result
+
+
 def save(path: str | Path, recs: Sequence[dict], summary: dict) -> None:
     io.write_json(path, {"summary": summary, "records": list(recs)}, indent=1)
 

@@ -233,22 +233,28 @@ def train_stage(
 
 
 def evaluate_checkpoint(
-    preset_name: str, checkpoint: Path | None = None, split: str = "test", out: Path | None = None
+    preset_name: str,
+    checkpoint: Path | None = None,
+    split: str = "test",
+    out: Path | None = None,
+    blind: bool = False,
 ) -> dict:
     """What ``llava-lite evaluate`` runs: the exact-answer score of a trained model on ``split``,
-    its per-question records written beside the checkpoint (or to ``out``)."""
+    its per-question records written beside the checkpoint (or to ``out``); ``blind``: a model
+    trained without image tokens, asked without them."""
     preset = get_preset(preset_name)
     layout = Layout.for_preset(preset_name)
-    ckpt = checkpoint or latest_checkpoint(run_dir(layout, 2))
+    ckpt = checkpoint or latest_checkpoint(run_dir(layout, 2, "blind" if blind else ""))
     if ckpt is None:
-        raise FileNotFoundError(f"no stage-2 checkpoint under {run_dir(layout, 2)}; pass --checkpoint")
+        raise FileNotFoundError(
+            f"no stage-2 checkpoint under {run_dir(layout, 2, 'blind' if blind else '')}; pass --checkpoint"
+        )
     tower = load_vision(preset.vision)
     model, tokenizer = load_stage(preset, ckpt, tower)
     items = exact_items(io.read_json(layout.instruct / f"{split}.json"))
     template = get_template(preset.model.stage2_template, tokenizer)
-    recs = records(
-        items, ask_llava(model, template, tokenizer, items, split_features(layout, split, tower), progress=True)
-    )
+    feats = None if blind else split_features(layout, split, tower)
+    recs = records(items, ask_llava(model, template, tokenizer, items, feats, blind=blind, progress=True))
     summary = score(recs)
     save(out or Path(ckpt) / f"exact_{split}.json", recs, summary)
     return summary

@@ -350,31 +350,44 @@ def coco_files(scenes: list[Scene], cfg: WorldConfig, split: str) -> tuple[dict,
     return instances, {"info": info, "licenses": [], "images": images, "annotations": caps}
 
 
+def _stamp(root: Path, split: str) -> Path:
+    return root / "annotations" / f"world_{split}.json"
+
+
 def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[str, int]:
     """Write the world under ``root`` (``annotations/`` and one image folder per split).
 
-    A split whose annotation files already match ``cfg`` is kept as it is, so a stopped run
-    resumes; the annotation files of a split are written last, so they exist only once all of
-    its images do. Returns the number of scenes per split.
+    A split whose stamp (``annotations/world_<split>.json``, written after its annotation files)
+    matches ``cfg`` is kept as it is, so a stopped run resumes and a finished world costs one small
+    read a split, not a redraw of every scene. The annotation files of a split are written after
+    all of its images. Returns the number of scenes per split.
     """
     root = Path(root)
-    world = sample_world(cfg)
-    for split, scenes in world.items():
-        inst_path = root / "annotations" / f"instances_{split}.json"
-        cap_path = root / "annotations" / f"captions_{split}.json"
-        if (
-            inst_path.exists()
-            and cap_path.exists()
-            and io.read_json(inst_path).get("info", {}).get("config") == asdict(cfg)
-        ):
-            log.info("world split %s is up to date in %s", split, root)
-            continue
+    want = asdict(cfg)
+
+    def done(split: str) -> bool:
+        stamp = _stamp(root, split)
+        return (
+            stamp.exists()
+            and root.joinpath("annotations", f"instances_{split}.json").exists()
+            and root.joinpath("annotations", f"captions_{split}.json").exists()
+            and io.read_json(stamp).get("config") == want
+        )
+
+    stale = [split for split in cfg.splits if not done(split)]
+    if not stale:
+        log.info("world is up to date in %s", root)
+        return dict(cfg.splits)
+    world = sample_world(cfg)  # every split, so image ids and the disjointness check stay the same
+    for split in stale:
+        scenes = world[split]
         image_dir = root / split
         image_dir.mkdir(parents=True, exist_ok=True)
         for scene in tqdm(scenes, desc=f"world {split}", disable=not progress, unit="scene"):
             with io.atomic_path(image_dir / scene.file_name) as tmp:
                 render(scene).save(tmp, format="PNG")
         instances, caps = coco_files(scenes, cfg, split)
-        io.write_json(inst_path, instances)
-        io.write_json(cap_path, caps)
+        io.write_json(root / "annotations" / f"instances_{split}.json", instances)
+        io.write_json(root / "annotations" / f"captions_{split}.json", caps)
+        io.write_json(_stamp(root, split), {"config": want, "scenes": len(scenes)})
     return {split: len(scenes) for split, scenes in world.items()}

@@ -32,6 +32,27 @@ def test_scores_and_the_most_common_answer_baseline():
     assert s["accuracy"] == {"colour": pytest.approx(2 / 3), "exist": 1.0} and s["overall"] == pytest.approx(0.8)
 
 
+def test_the_question_prior_answers_each_question_as_training_most_often_did():
+    train = [
+        ev.Item("t0", None, "colour", "What colour is the circle?", "red"),
+        ev.Item("t1", None, "colour", "What colour is the circle?", "red"),
+        ev.Item("t2", None, "colour", "What colour is the circle?", "blue"),
+        ev.Item("t3", None, "colour", "What colour is the square?", "green"),
+        ev.Item("t4", None, "colour", "What colour is the triangle?", "blue"),
+        ev.Item("t5", None, "colour", "What colour is the cross?", "blue"),
+        ev.Item("t6", None, "exist", "Is there a square?", "no"),
+    ]
+    test = [
+        ev.Item("q0", None, "colour", "What colour is the circle?", "red"),  # prior: red (2 of 3)
+        ev.Item("q1", None, "colour", "What colour is the square?", "blue"),  # prior: green, wrong
+        ev.Item("q2", None, "colour", "What colour is the star?", "blue"),  # unseen: the type's blue
+        ev.Item("q3", None, "exist", "Is there a square?", "yes"),  # prior: no, wrong
+    ]
+    prior = ev.question_prior(train, test)
+    assert prior["accuracy"] == {"colour": pytest.approx(2 / 3), "exist": 0.0}
+    assert prior["overall"] == pytest.approx(0.5) and prior["unseen"] == 1
+
+
 def test_score_gives_each_types_most_common_answer_share_when_records_carry_the_answer():
     items = [
         ev.Item(str(i), None, t, "q", a)

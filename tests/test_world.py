@@ -180,3 +180,22 @@ def test_generate_resumes_finished_splits_without_rewriting(tmp_path):
     world.generate(cfg, tmp_path, progress=False)
     assert ann.stat().st_mtime_ns == before
     assert (tmp_path / "annotations" / "instances_test.json").exists()
+
+
+def test_a_finished_world_is_not_redrawn_and_a_changed_config_is(tmp_path, monkeypatch):
+    cfg = WorldConfig(splits={"train": 6, "test": 3})
+    world.generate(cfg, tmp_path, progress=False)
+    real = world.sample_world
+
+    def must_not_draw(c):
+        raise AssertionError("sample_world ran for a world that is up to date")
+
+    monkeypatch.setattr(world, "sample_world", must_not_draw)
+    assert world.generate(cfg, tmp_path, progress=False) == {"train": 6, "test": 3}
+    monkeypatch.setattr(world, "sample_world", real)
+    stamp = tmp_path / "annotations" / "world_train.json"
+    changed = WorldConfig(seed=1, splits={"train": 6, "test": 3})
+    world.generate(changed, tmp_path, progress=False)
+    assert json.loads(stamp.read_text())["config"]["seed"] == 1
+    inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
+    assert inst["info"]["config"]["seed"] == 1

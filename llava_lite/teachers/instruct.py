@@ -40,14 +40,14 @@ def build_split(
     out = layout.instruct / f"{split}.json"
     stats_path = layout.instruct / f"{split}.stats.json"
     kinds = tuple(kinds or kinds_for(split))
-    contexts = load_contexts(layout.instances(split), layout.captions(split))[:limit]
     world = hashlib.sha1(layout.instances(split).read_bytes() + layout.captions(split).read_bytes()).hexdigest()
-    want = {"teacher": teacher, "seed": seed, "kinds": list(kinds), "contexts": len(contexts), "world_sha1": world}
+    want = {"teacher": teacher, "seed": seed, "kinds": list(kinds), "limit": limit, "world_sha1": world}
     if out.exists() and stats_path.exists() and io.read_json(stats_path).get("made_with") == want:
         log.info("instruction data for %s is up to date: %s", split, out)
-        return out
+        return out  # decided from the files' bytes, before parsing any context
     if teacher != "symbolic":
         raise ValueError(f"teacher {teacher!r}: build_split runs the symbolic teacher; use build_chat for an endpoint")
+    contexts = load_contexts(layout.instances(split), layout.captions(split))[:limit]
     samples, stats = symbolic.generate(contexts, kinds, seed=seed)
     io.write_json(out, samples)
     io.write_json(
