@@ -138,18 +138,24 @@ def write_bench(questions: Sequence[BenchQuestion], folder: str | Path) -> dict[
     )
     contexts = {q.image: q.context for q in questions}
     jsonl.write_jsonl(paths["context"], [context_record(c) for c in contexts.values()])
-    jsonl.write_jsonl(paths["reference"], answer_records(questions, {q.question_id: q.reference for q in questions},
-                                                          "symbolic-teacher"))  # fmt: skip
+    jsonl.write_jsonl(
+        paths["reference"],
+        answer_records(questions, {q.question_id: q.reference for q in questions}, "symbolic-teacher"),
+    )
     return paths
 
 
 def answer_records(questions: Sequence[BenchQuestion], answers: Mapping, model_id: str) -> list[dict]:
     """Answers as LLaVA-Bench writes them: one ``{question_id, text, category, model_id}`` a line."""
     return [
-        {"question_id": q.question_id, "text": answers[q.question_id], "category": OFFICIAL_CATEGORY[q.category],
-         "model_id": model_id}
+        {
+            "question_id": q.question_id,
+            "text": answers[q.question_id],
+            "category": OFFICIAL_CATEGORY[q.category],
+            "model_id": model_id,
+        }
         for q in questions
-    ]  # fmt: skip
+    ]
 
 
 def _need(rec, keys: tuple[str, ...], where: str) -> None:
@@ -222,8 +228,16 @@ def read_bench(questions: str | Path, context: str | Path, reference: str | Path
             raise ValueError(f"{where}: image {rec['image']!r} is not in the context file {context}")
         if rec["question_id"] not in refs:
             raise ValueError(f"{where}: question {rec['question_id']!r} has no reference answer in {reference}")
-        out.append(BenchQuestion(rec["question_id"], rec["image"], CATEGORY_TYPE[rec["category"]], rec["text"],
-                                 refs[rec["question_id"]], contexts[rec["image"]]))  # fmt: skip
+        out.append(
+            BenchQuestion(
+                rec["question_id"],
+                rec["image"],
+                CATEGORY_TYPE[rec["category"]],
+                rec["text"],
+                refs[rec["question_id"]],
+                contexts[rec["image"]],
+            )
+        )
     return out
 
 
@@ -247,8 +261,9 @@ def answer_questions(
 ) -> dict:
     """The model's answers from the image (greedy, one turn each): question id -> text."""
     items = [Item(str(q.question_id), q.image, q.category, q.text, q.reference) for q in questions]
-    replies = ask_llava(model, template, tokenizer, items, features, batch_size, progress=progress,
-                        max_new_tokens=max_new_tokens)  # fmt: skip
+    replies = ask_llava(
+        model, template, tokenizer, items, features, batch_size, progress=progress, max_new_tokens=max_new_tokens
+    )
     return {q.question_id: r.strip() for q, r in zip(questions, replies)}
 
 
@@ -299,7 +314,8 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     Accepted: ``8 9``, ``8, 9``, ``8/9``, ``8 and 9``, ``Scores: 8 9``, ``**8 9**``, ``8/10 9/10``, and
     labelled scores ``Assistant 1: 8 ... Assistant 2: 9`` on the first line or the first two
     lines (either label first). Refused: one number, three or more, a number outside 1-10, words
-    around bare numbers, an empty reply. A refused reply is counted by the caller, never scored.
+    around bare numbers, a lone ``9/10`` (one score out of ten), an empty reply. A refused reply
+    is counted by the caller, never scored.
     """
     if not isinstance(text, str):
         return None
@@ -360,8 +376,14 @@ def summarise(records: Sequence[Mapping]) -> dict:
     """The table a notebook shows: relative score per type beside the paper's, both mean ratings
     x 10 (as LLaVA-Bench prints them), how many were rated and how many could not be."""
     rated = [r for r in records if r.get("reference") is not None and r.get("model") is not None]
-    out: dict = {"relative": relative_score(records), "paper": dict(PAPER), "rated": {}, "unrated": {},
-                 "reference_mean_x10": {}, "model_mean_x10": {}}  # fmt: skip
+    out: dict = {
+        "relative": relative_score(records),
+        "paper": dict(PAPER),
+        "rated": {},
+        "unrated": {},
+        "reference_mean_x10": {},
+        "model_mean_x10": {},
+    }
     for t in (*TYPES, "all"):
         mine = [r for r in rated if t == "all" or CATEGORY_TYPE.get(r["category"], r["category"]) == t]
         out["rated"][t] = len(mine)
@@ -438,9 +460,17 @@ class JudgeRun:
 def _judge_record(q: BenchQuestion, order: str, reply: str | None, error: str | None = None) -> dict:
     scores = parse_scores(reply) if reply is not None else None
     ref, mod = (None, None) if scores is None else (scores if order == "reference_first" else scores[::-1])
-    return {"id": unit_id(q.question_id, order), "question_id": q.question_id, "category": q.category,
-            "order": order, "reference": ref, "model": mod, "parsed": scores is not None, "raw": reply,
-            "error": error}  # fmt: skip
+    return {
+        "id": unit_id(q.question_id, order),
+        "question_id": q.question_id,
+        "category": q.category,
+        "order": order,
+        "reference": ref,
+        "model": mod,
+        "parsed": scores is not None,
+        "raw": reply,
+        "error": error,
+    }
 
 
 def endpoint_judge(
@@ -472,8 +502,13 @@ def endpoint_judge(
                 run.already_done += 1
             else:
                 todo.append((q, order))
-    log.info("judge: %d units, %d already in %s; asking %d", len(todo) + run.already_done, run.already_done,
-             out_path.name, len(todo))  # fmt: skip
+    log.info(
+        "judge: %d units, %d already in %s; asking %d",
+        len(todo) + run.already_done,
+        run.already_done,
+        out_path.name,
+        len(todo),
+    )
     stop = threading.Event()
     endpoint = endpoint_for(teacher, stop)
 
@@ -514,8 +549,9 @@ def endpoint_judge(
             run.unparseable += rec["error"] is None and not rec["parsed"]
     run.records = [r for _, r in jsonl.read_jsonl(out_path)]
     if fatal is not None:
-        raise RuntimeError(f"judge stopped early: {fatal}. {run.asked} judgements were written to {out_path}; "
-                           "run again to resume") from fatal  # fmt: skip
+        raise RuntimeError(
+            f"judge stopped early: {fatal}. {run.asked} judgements were written to {out_path}; run again to resume"
+        ) from fatal
     if run.unparseable:
         log.warning("judge: %d of %d replies had no readable scores (counted, not scored)", run.unparseable, run.asked)
     return run
@@ -536,8 +572,14 @@ SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "la
 GENERIC = ("shape", "object")
 HYPOTHETICAL = re.compile(r"\b(?:if|would|leaves?|left over|remain\w*|remov\w+|taking away|half)\b")
 _COUNT_WORDS = {w: i for i, w in enumerate(NUMBER_WORDS) if i} | {"zero": 0}
-_IRREGULAR = {"person": ("people", "persons"), "knife": ("knives",), "mouse": ("mice",), "sheep": ("sheep",),
-              "skis": ("skis",), "scissors": ("scissors",)}  # fmt: skip
+_IRREGULAR = {
+    "person": ("people", "persons"),
+    "knife": ("knives",),
+    "mouse": ("mice",),
+    "sheep": ("sheep",),
+    "skis": ("skis",),
+    "scissors": ("scissors",),
+}
 _REGIONS = {
     "in the centre": "centre",
     "in the center": "centre",
@@ -770,12 +812,21 @@ def judge_offline(questions: Sequence[BenchQuestion], answers: Mapping) -> list[
     for q in questions:
         ref = offline_judge(q.context, q.text, q.reference, q.reference)
         mod = offline_judge(q.context, q.text, answers[q.question_id], q.reference)
-        out.append({
-            "question_id": q.question_id, "category": q.category, "reference": ref.score, "model": mod.score,
-            "facts_checked": mod.checked, "contradicted": [f.text for f in mod.contradicted],
-            "invented": mod.invented, "hallucination_rate": mod.hallucination_rate, "precision": mod.precision,
-            "coverage": mod.coverage, "unchecked": list(mod.unchecked),
-        })  # fmt: skip
+        out.append(
+            {
+                "question_id": q.question_id,
+                "category": q.category,
+                "reference": ref.score,
+                "model": mod.score,
+                "facts_checked": mod.checked,
+                "contradicted": [f.text for f in mod.contradicted],
+                "invented": mod.invented,
+                "hallucination_rate": mod.hallucination_rate,
+                "precision": mod.precision,
+                "coverage": mod.coverage,
+                "unchecked": list(mod.unchecked),
+            }
+        )
     return out
 
 

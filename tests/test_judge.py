@@ -105,8 +105,13 @@ def test_relative_score_is_a_ratio_of_means_per_type_and_pooled_and_leaves_unrat
     assert s["unrated"] == {"conversation": 0, "detail": 0, "complex": 1, "all": 1}
     assert s["reference_mean_x10"]["all"] == pytest.approx(70.0) and s["model_mean_x10"]["all"] == pytest.approx(57.5)
     assert s["paper"] == {"conversation": 83.1, "detail": 75.3, "complex": 96.5, "all": 85.1}
-    assert judge.table_rows(s)[0] == {"model": "ours", "conversation": 85.7, "detail": 50.0, "complex": 150.0,
-                                      "all": 82.1}  # fmt: skip
+    assert judge.table_rows(s)[0] == {
+        "model": "ours",
+        "conversation": 85.7,
+        "detail": 50.0,
+        "complex": 150.0,
+        "all": 82.1,
+    }
 
 
 def test_position_bias_is_what_an_answer_gains_by_being_shown_first():
@@ -149,19 +154,46 @@ def write_official(folder: Path) -> dict[str, Path]:
             {"id": 3, "category": "dining table", "bbox": [0.0, 0.6, 1.0, 1.0]},
         ],
     }
-    ref = [{"question_id": i, "text": t, "category": c, "answer_id": f"ref{i}"} for i, t, c in [
-        (0, "There are two suitcases.", "conv"), (1, "Two suitcases stand on a dining table.", "detail"),
-        (2, "The two suitcases wait on the table for a trip.", "complex")]]  # fmt: skip
+    ref = [
+        {"question_id": i, "text": t, "category": c, "answer_id": f"ref{i}"}
+        for i, t, c in [
+            (0, "There are two suitcases.", "conv"),
+            (1, "Two suitcases stand on a dining table.", "detail"),
+            (2, "The two suitcases wait on the table for a trip.", "complex"),
+        ]
+    ]
     ans = [
-        {"question_id": 0, "prompt": "x", "text": "There are three suitcases.", "answer_id": "a0", "model_id": "m",
-         "metadata": {}},
-        {"question_id": 1, "prompt": "x", "text": "Two suitcases and a dog on a dining table.", "answer_id": "a1",
-         "model_id": "m", "metadata": {}},
-        {"question_id": 2, "prompt": "x", "text": "The suitcases are packed for a trip.", "answer_id": "a2",
-         "model_id": "m", "metadata": {}},
-    ]  # fmt: skip
-    paths = {"questions": folder / "qa90_questions.jsonl", "context": folder / "caps_boxes_coco2014_val_80.jsonl",
-             "reference": folder / "qa90_gpt4_answer.jsonl", "answers": folder / "answers.jsonl"}  # fmt: skip
+        {
+            "question_id": 0,
+            "prompt": "x",
+            "text": "There are three suitcases.",
+            "answer_id": "a0",
+            "model_id": "m",
+            "metadata": {},
+        },
+        {
+            "question_id": 1,
+            "prompt": "x",
+            "text": "Two suitcases and a dog on a dining table.",
+            "answer_id": "a1",
+            "model_id": "m",
+            "metadata": {},
+        },
+        {
+            "question_id": 2,
+            "prompt": "x",
+            "text": "The suitcases are packed for a trip.",
+            "answer_id": "a2",
+            "model_id": "m",
+            "metadata": {},
+        },
+    ]
+    paths = {
+        "questions": folder / "qa90_questions.jsonl",
+        "context": folder / "caps_boxes_coco2014_val_80.jsonl",
+        "reference": folder / "qa90_gpt4_answer.jsonl",
+        "answers": folder / "answers.jsonl",
+    }
     for key, recs in (("questions", q), ("context", [ctx]), ("reference", ref), ("answers", ans)):
         paths[key].write_text("".join(json.dumps(r) + "\n" for r in recs))
     return paths
@@ -216,9 +248,13 @@ def test_a_malformed_bench_file_is_refused_naming_the_file_and_line(tmp_path, ch
 
 # ---------------------------------------------------------------- the offline judge
 TWO = SymbolicContext(
-    1, "1.png", 64, 64, ["A red circle and a blue square."],
+    1,
+    "1.png",
+    64,
+    64,
+    ["A red circle and a blue square."],
     [Obj("red circle", (0.05, 0.05, 0.35, 0.35)), Obj("blue square", (0.75, 0.75, 0.9, 0.9))],
-)  # fmt: skip
+)
 CORRECT = (
     "There are two shapes. The red circle is in the top left corner and large. The blue square is in the "
     "bottom right corner and small. The red circle is above the blue square."
@@ -243,8 +279,9 @@ def test_the_offline_judge_scores_a_contradicted_fact_and_an_invented_object_by_
 
 
 def test_the_offline_judge_checks_colours_shapes_counts_and_absence_in_the_shapes_world():
-    got = judge.offline_judge(TWO, "q", "The circle is red. The blue object is a square. There is no green square. "
-                              "There are three circles.")  # fmt: skip
+    got = judge.offline_judge(
+        TWO, "q", "The circle is red. The blue object is a square. There is no green square. There are three circles."
+    )
     marks = {f.key: f.correct for f in got.facts}
     assert marks[("colour", "circle", "red")] and marks[("shape", "blue", "square")]
     assert marks[("exist", "green square", False)] and not marks[("count", None, None, "circle", 3)]
@@ -253,11 +290,18 @@ def test_the_offline_judge_checks_colours_shapes_counts_and_absence_in_the_shape
 
 def test_on_a_coco_photo_it_checks_presence_and_counts_and_says_what_it_cannot_check():
     photo = SymbolicContext(
-        9, "9.jpg", 640, 480, ["Two dogs on a couch."],
+        9,
+        "9.jpg",
+        640,
+        480,
+        ["Two dogs on a couch."],
         [Obj("dog", (0.1, 0.1, 0.4, 0.5)), Obj("dog", (0.5, 0.1, 0.9, 0.5)), Obj("couch", (0.0, 0.3, 1.0, 1.0))],
-    )  # fmt: skip
-    got = judge.offline_judge(photo, "q", "There are two dogs and a cat on the couch. The dog is brown and large "
-                              "in the centre. There is no person.")  # fmt: skip
+    )
+    got = judge.offline_judge(
+        photo,
+        "q",
+        "There are two dogs and a cat on the couch. The dog is brown and large in the centre. There is no person.",
+    )
     assert {f.key: f.correct for f in got.facts} == {
         ("count", None, None, "dog", 2): True,
         ("exist", "cat", True): False,
@@ -298,8 +342,16 @@ def tiny_bench(n: int = 4) -> tuple[list[judge.BenchQuestion], dict]:
 
 
 def judge_teacher(base_url: str, **changes) -> TeacherConfig:
-    settings = dict(kind="chat", model="judge-model", base_url=base_url, api_key_env=KEY_ENV, chat_concurrency=3,
-                    chat_timeout_s=5, chat_backoff_s=0.01, chat_max_backoff_s=0.05)  # fmt: skip
+    settings = dict(
+        kind="chat",
+        model="judge-model",
+        base_url=base_url,
+        api_key_env=KEY_ENV,
+        chat_concurrency=3,
+        chat_timeout_s=5,
+        chat_backoff_s=0.01,
+        chat_max_backoff_s=0.05,
+    )
     return TeacherConfig(**(settings | changes))
 
 
@@ -350,9 +402,23 @@ def test_endpoint_judge_against_transformers_serve_both_orders_and_resume(tmp_pa
     server_log = tmp_path / "serve.log"
     with open(server_log, "wb") as logf:
         proc = subprocess.Popen(
-            [str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-             "--log-level", "info"], stdout=logf, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            [
+                str(exe),
+                "serve",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "info",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     monkeypatch.setenv(KEY_ENV, KEY)
     try:
         deadline = time.monotonic() + 60
@@ -389,8 +455,19 @@ def test_endpoint_judge_against_transformers_serve_both_orders_and_resume(tmp_pa
 # ---------------------------------------------------------------- the command
 def test_judge_command_scores_given_files_in_the_official_layout(tmp_path):
     paths = write_official(tmp_path)
-    argv = ["judge", "--questions", str(paths["questions"]), "--context", str(paths["context"]), "--reference",
-            str(paths["reference"]), "--answers", str(paths["answers"]), "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "judge",
+        "--questions",
+        str(paths["questions"]),
+        "--context",
+        str(paths["context"]),
+        "--reference",
+        str(paths["reference"]),
+        "--answers",
+        str(paths["answers"]),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert cli.main(argv) == 0
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["questions"] == 3 and set(scores["offline"]["relative"]) <= {*judge.TYPES, "all"}
