@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import features, stages, tutorial, validate, world
+from . import features, jsonl, judge, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -281,6 +281,58 @@ def _evaluate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _judge(sub) -> None:
+    p = sub.add_parser(
+        "judge", help="the judge score (LLaVA-Bench style): a model's answers rated beside the teacher's"
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the bench files, answers, judgements, scores")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", type=Path, help="the stage-2 checkpoint that answers (default: the latest)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--images", type=int, default=judge.PAPER_IMAGES, help="images of the split, 3 questions each")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--questions", type=Path, help="score given files (LLaVA-Bench layout) instead of a checkpoint")
+    p.add_argument("--context", type=Path, help="with --questions: the context JSONL (captions + instances)")
+    p.add_argument("--reference", type=Path, help="with --questions: the reference answers JSONL")
+    p.add_argument("--answers", type=Path, help="with --questions: the model's answers JSONL")
+    p.add_argument("--base-url", help="endpoint judge: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="endpoint judge: the model name the endpoint serves")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="endpoint judge: environment variable with the key")
+    p.add_argument("--concurrency", type=int, default=4)
+
+    def run(args):
+        if bool(args.base_url) != bool(args.model):
+            raise ValueError("the endpoint judge needs both --base-url and --model")
+        if args.questions:
+            if not (args.context and args.reference and args.answers):
+                raise ValueError("--questions needs --context, --reference and --answers")
+            questions = judge.read_bench(args.questions, args.context, args.reference)
+            answers = judge.read_answers(args.answers)
+        else:
+            questions, answers = judge.checkpoint_answers(
+                args.preset, args.checkpoint, args.split, args.images, args.max_new_tokens
+            )
+            judge.write_bench(questions, args.out)
+            jsonl.write_jsonl(args.out / "answers.jsonl", judge.answer_records(questions, answers, "llava-lite"))
+        teacher = None
+        if args.base_url:
+            teacher = TeacherConfig(
+                kind="chat",
+                base_url=args.base_url,
+                model=args.model,
+                api_key_env=args.api_key_env,
+                chat_concurrency=args.concurrency,
+            )
+        scores = judge.run_bench(questions, answers, args.out, teacher)
+        for name in ("offline", "endpoint"):
+            if name in scores:
+                got = {k: round(v, 1) for k, v in scores[name]["relative"].items()}
+                log.info("%s judge, relative score: %s (paper: %s)", name, got, judge.PAPER)
+        log.info("scores in %s", args.out / "scores.json")
+
+    p.set_defaults(func=run)
+
+
 def _tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
     p.add_argument("--preset", default="tiny")
@@ -294,7 +346,7 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _tutorial)
+COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _judge, _tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:

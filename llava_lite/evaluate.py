@@ -70,8 +70,10 @@ def ask_llava(
     batch_size: int = 64,
     blind: bool = False,
     progress: bool = False,
+    max_new_tokens: int = 4,
 ) -> list[str]:
-    """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them)."""
+    """Replies of a LLaVA model (``blind``: of a model trained without images, asked without them),
+    at most ``max_new_tokens`` each (a few for an exact answer, more for the judge's questions)."""
     prompts = [question_prompt(model, template, it.question, it.sample_id, image=not blind) for it in items]
 
     def extras(idx):
@@ -87,6 +89,7 @@ def ask_llava(
             stop_id(tokenizer),
             lambda t: tokenizer.decode(t, skip_special_tokens=True),
             batch_size,
+            max_new_tokens=max_new_tokens,
             extras=extras,
             returns_prompt=False,
             progress=progress,

@@ -184,7 +184,7 @@ def _todo(contexts, types, out_path: Path, failures_path: Path, retry_failed: bo
     return todo, stats
 
 
-def _endpoint(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
+def endpoint_for(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
     """The endpoint a teacher config names, with its retry, timeout and concurrency settings."""
     return ChatEndpoint(
         teacher.base_url,
@@ -226,7 +226,7 @@ def generate(
 
     todo, stats = _todo(contexts, types, out_path, failures_path, retry_failed)
     stop = threading.Event()
-    endpoint = _endpoint(teacher, stop)
+    endpoint = endpoint_for(teacher, stop)
     job = _Job(endpoint, prompts, teacher, image_prefix)
     fatal: BaseException | None = None
     with (

@@ -90,8 +90,10 @@ class FaultyChatServer:
         retry_after_s: int = 1,
         latency_s: float = 0.0,
         port: int = 0,
+        reply: Callable[[list[dict]], str] | None = None,
     ):
         self.plan: Plan = plan or (lambda key, n: "ok")
+        self.reply = reply  # what "ok" sends for a request's messages (default: a teacher's reply)
         self.api_key, self.slow_s, self.retry_after_s = api_key, slow_s, retry_after_s
         self.latency_s = latency_s  # added to every reply, to make a run last long enough to stop
         self.log: list[dict] = []  # one entry a request: key, n, fault, usage
@@ -188,7 +190,7 @@ class FaultyChatServer:
                 if fault == "malformed":
                     content = MALFORMED_DETAIL if rtype == "detail" else MALFORMED_REPLY
                 else:
-                    content = reply_for(rtype, context)
+                    content = server.reply(messages) if server.reply else reply_for(rtype, context)
                 if fault == "cut":
                     content = content[: len(content) // 2]
                 usage = {
