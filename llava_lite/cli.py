@@ -303,11 +303,18 @@ def _scienceqa(sub) -> None:
     t.add_argument("--no-lecture", action="store_true", help="reason with the solution alone")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--max-steps", type=int, default=0)
+    t.add_argument("--batch-size", type=int, help="samples per optimizer step (default: the preset's)")
+    t.add_argument("--lr", type=float, help="the projector's learning rate (default: the preset's)")
+    t.add_argument("--lm-lr", type=float, help="the language model's learning rate (default: the preset's)")
+    t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="default: the preset's")
+    t.add_argument("--seed", type=int, help="the projector's initial weights, LoRA's and the batch order")
 
     def run_train(a):
         overrides = {"max_steps": a.max_steps} if a.max_steps else {}
-        lecture = not a.no_lecture
-        summary = scienceqa.train_run(a.preset, a.format, a.out, a.data, a.stage1, lecture, a.resume, **overrides)
+        overrides.update({k: getattr(a, k) for k in ("lr", "lm_lr", "batch_size") if getattr(a, k) is not None})
+        summary = scienceqa.train_run(
+            a.preset, a.format, a.out, a.data, a.stage1, not a.no_lecture, a.resume, a.lora, a.seed, **overrides
+        )
         log.info("scienceqa %s done: %s", a.format, {k: summary[k] for k in ("steps", "seconds", "last")})
 
     t.set_defaults(func=run_train)

@@ -445,7 +445,8 @@ def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict
 
 def score_mc(recs: Sequence[dict]) -> dict:
     """Accuracy overall, per category, per subject and for questions with / without a picture,
-    with each group's size and the number of unparseable replies (counted as wrong)."""
+    with each group's size, the number of unparseable replies (counted as wrong) and what
+    guessing a letter would score."""
 
     def acc(rows):
         return sum(r["correct"] for r in rows) / len(rows)
@@ -461,6 +462,7 @@ def score_mc(recs: Sequence[dict]) -> dict:
     per_image, n_image = groups(lambda r: "image" if r["image"] else "no image")
     return {
         "overall": acc(recs) if recs else 0.0,
+        "chance": sum(1 / r["choices"] for r in recs) / len(recs) if recs else 0.0,  # guessing a letter
         "questions": len(recs),
         "unparseable": sum(r["parsed"] is None for r in recs),
         "accuracy": per_cat,
@@ -500,10 +502,13 @@ def train_run(
     stage1: Path | None = None,
     lecture: bool = True,
     resume: bool = False,
+    lora: bool | None = None,
+    seed: int | None = None,
     **overrides,
 ) -> dict:
     """What ``llava-lite scienceqa train`` runs: stage 2 from the stage-1 checkpoint on the set's
-    ``train`` split, answers in ``answer_format``; ``overrides`` replace the stage's settings."""
+    ``train`` split, answers in ``answer_format``; ``lora`` and ``seed`` as :func:`stages.train_stage`
+    takes them, ``overrides`` replace the stage's settings (``max_steps``, ``lr``, ``batch_size``...)."""
     if answer_format not in FORMATS:
         raise ValueError(f"unknown answer format {answer_format!r}; expected one of {FORMATS}")
     preset, layout = get_preset(preset_name), Layout.for_preset(preset_name)
@@ -518,8 +523,10 @@ def train_run(
     with acc.main_process_first():
         feats = world_features(layout, tower, sorted({p.image_key.split("/")[0] for p in problems if p.image}))
     lm, tokenizer = stages.load_language(preset.language)
-    model = stages.build_llava(preset, lm, tokenizer, tower)
-    stages.prepare_stage2(preset, model, ckpt)
+    model = stages.build_llava(preset, lm, tokenizer, tower, seed=seed)
+    stages.prepare_stage2(preset, model, ckpt, lora, seed)
+    if seed is not None:
+        overrides["seed"] = seed
     out = out or layout.checkpoints / f"scienceqa-{answer_format}"
     samples = to_samples(problems, answer_format, lecture)
     return stages.run_stage(preset, model, tokenizer, feats, 2, samples, out, resume, accelerator=acc, **overrides)

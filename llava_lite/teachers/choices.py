@@ -3,8 +3,8 @@ the scene's facts: the questions of the world's ScienceQA-style set (:mod:`llava
 
 Every question needs the picture (or the hint that describes it): ``count``, ``colour``,
 ``shape``, ``position``, ``size``. The wrong choices come from the same vocabulary as the right
-one (other colours, other counts close to the true one, other shapes or relations, the scene's
-other objects). A question says whether the text-only hint (:func:`scene_hint`) would suffice.
+one (other colours, counts, shapes or relations; the scene's other objects). A question says
+whether the text-only hint (:func:`scene_hint`) would suffice to answer it.
 """
 
 from __future__ import annotations
@@ -72,9 +72,16 @@ def _count(objs: list[Obj], rng: random.Random) -> MCQuestion:
         solution = f"There is no {word} in the picture."
     else:
         solution = f"The picture has {count_phrase(n, word)}: {_join([article(o.name) for o in match])}."
-    near = sorted((k for k in range(7) if k != n), key=lambda k: (abs(k - n), rng.random()))  # close counts first
+    # any other count, not the nearest ones: those would put the true count in the middle of the choices
+    others = rng.sample([k for k in range(7) if k != n], 6)
     return MCQuestion(
-        "count", f"How many {plural(word)} are there?", count_word(n), [count_word(k) for k in near], 5, solution, True
+        "count",
+        f"How many {plural(word)} are there?",
+        count_word(n),
+        [count_word(k) for k in others],
+        5,
+        solution,
+        True,
     )
 
 
