@@ -8,7 +8,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       world, facts                       the shapes world in COCO format · facts captions and teachers state
       coco                               COCO captions + instances -> symbolic contexts
       scene_text                         a context written as text for a reader that cannot see
-      teachers/                          symbolic teacher, chat endpoint, prompts as data files
+      teachers/                          symbolic teacher, chat endpoint, prompts as files, multiple-choice questions
       validate                           LLaVA-format checks
     §4 vision, labels, model
       vision, features                   the frozen CLIP tower and its one image route · the feature cache
@@ -21,6 +21,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
     §5 evaluation
       generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
       judge                              the judge score (LLaVA-Bench style): endpoint and offline judges
+      scienceqa                          ScienceQA's format, the world's multiple-choice set, its training and accuracy
     viz, tutorial                        pictures and tables for the notebooks · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)

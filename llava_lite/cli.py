@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import features, jsonl, judge, stages, tutorial, validate, world
-from .config import TeacherConfig, get_preset
+from . import features, jsonl, judge, scienceqa, stages, tutorial, validate, world
+from .config import ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
 from .lab.config import (
@@ -333,6 +333,71 @@ def _judge(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _scienceqa(sub) -> None:
+    p = sub.add_parser("scienceqa", help="ScienceQA-style multiple choice: write the world's set, train, evaluate")
+    inner = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    w = inner.add_parser("write", help="write the world's multiple-choice set in ScienceQA's format")
+    w.add_argument("--preset", default="tiny")
+    w.add_argument("--out", type=Path, help="the set's folder (default outputs/<preset>/scienceqa)")
+    add_config_flags(w, ScienceQAConfig())
+    w.set_defaults(
+        func=lambda a: log.info(
+            "wrote %s", scienceqa.write_world_set(Layout.for_preset(a.preset), a.out, config_from(a, ScienceQAConfig))
+        )
+    )
+
+    t = inner.add_parser("train", help="stage 2 on the set's train split, from the stage-1 checkpoint")
+    t.add_argument("--format", choices=scienceqa.FORMATS, required=True, help="where the answer goes: the ablation")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--out", type=Path, help="run folder (default outputs/<preset>/checkpoints/scienceqa-<format>)")
+    t.add_argument("--data", type=Path, help="the set's folder (default outputs/<preset>/scienceqa)")
+    t.add_argument("--stage1", type=Path, help="the stage-1 checkpoint (default: the latest stage-1 run)")
+    t.add_argument("--no-lecture", action="store_true", help="reason with the solution alone")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--max-steps", type=int, default=0)
+    t.add_argument("--batch-size", type=int, help="samples per optimizer step (default: the preset's)")
+    t.add_argument("--lr", type=float, help="the projector's learning rate (default: the preset's)")
+    t.add_argument("--lm-lr", type=float, help="the language model's learning rate (default: the preset's)")
+    t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="default: the preset's")
+    t.add_argument("--seed", type=int, help="the projector's initial weights, LoRA's and the batch order")
+
+    def run_train(a):
+        overrides = {"max_steps": a.max_steps} if a.max_steps else {}
+        overrides.update({k: getattr(a, k) for k in ("lr", "lm_lr", "batch_size") if getattr(a, k) is not None})
+        summary = scienceqa.train_run(
+            a.preset, a.format, a.out, a.data, a.stage1, not a.no_lecture, a.resume, a.lora, a.seed, **overrides
+        )
+        log.info("scienceqa %s done: %s", a.format, {k: summary[k] for k in ("steps", "seconds", "last")})
+
+    t.set_defaults(func=run_train)
+
+    e = inner.add_parser("evaluate", help="multiple-choice accuracy per category, with and without a picture")
+    e.add_argument("--checkpoint", type=Path, help="a trained model (not needed with --reader)")
+    e.add_argument("--data", type=Path, help="the set's folder: the world's (default) or the official files")
+    e.add_argument("--split", default="test")
+    e.add_argument("--images", type=Path, help="official files: the folder holding <split>/<pid>/image.png")
+    e.add_argument("--reader", action="store_true", help="the language model reading the scene as text instead")
+    e.add_argument("--preset", default="tiny")
+    e.add_argument("--out", type=Path, help="records and summary (JSON); default beside the checkpoint")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+
+    def run_evaluate(a):
+        if a.checkpoint is None and not a.reader:
+            raise ValueError("scienceqa evaluate needs --checkpoint (or --reader)")
+        s = scienceqa.evaluate_run(a.preset, a.checkpoint, a.data, a.split, a.images, a.out, a.reader, a.max_new_tokens)
+        log.info(
+            "scienceqa %s: %.3f (%d unparseable) %s %s",
+            a.split,
+            s["overall"],
+            s["unparseable"],
+            {k: round(v, 3) for k, v in s["accuracy"].items()},
+            {k: round(v, 3) for k, v in s["image"].items()},
+        )
+
+    e.set_defaults(func=run_evaluate)
+
+
 def _tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
     p.add_argument("--preset", default="tiny")
@@ -346,7 +411,18 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _judge, _tutorial)
+COMMANDS = (
+    _world,
+    _instruct,
+    _validate,
+    _backbones,
+    _features,
+    _train,
+    _evaluate,
+    _judge,
+    _scienceqa,
+    _tutorial,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

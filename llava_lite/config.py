@@ -131,6 +131,15 @@ class TrainConfig:
 
 
 @dataclass
+class ScienceQAConfig:
+    """The shapes world's ScienceQA-style multiple-choice set (:mod:`llava_lite.scienceqa`)."""
+
+    seed: int = 0
+    questions_per_scene: int = 2  # of different categories (count, colour, shape, position, size)
+    hint_share: float = 0.2  # share of questions asked with a text-only hint instead of the picture
+
+
+@dataclass
 class Preset:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)

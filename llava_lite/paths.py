@@ -5,6 +5,7 @@ everything the tutorial generates goes under an ignored outputs folder, one sub-
 
     outputs/<preset>/world/{annotations,<split>}/   COCO-format scenes
     outputs/<preset>/instruct/                      LLaVA-format JSON
+    outputs/<preset>/scienceqa/                     the world's multiple-choice set (ScienceQA's format)
     outputs/<preset>/features/                      feature cache shards
     outputs/<preset>/checkpoints/                   training runs
     outputs/notebooks/                              executed notebooks
@@ -56,6 +57,10 @@ class Layout:
     @property
     def instruct(self) -> Path:
         return self.root / "instruct"
+
+    @property
+    def scienceqa(self) -> Path:
+        return self.root / "scienceqa"
 
     @property
     def features(self) -> Path:

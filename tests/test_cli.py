@@ -55,6 +55,7 @@ def test_every_declared_command_is_in_the_help(capsys):
         "train",
         "evaluate",
         "judge",
+        "scienceqa",
         "tutorial",
     ]
     text = _help(capsys, [])
