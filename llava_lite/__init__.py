@@ -22,7 +22,8 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
       judge                              the judge score (LLaVA-Bench style): endpoint and offline judges
       scienceqa                          ScienceQA's format, the world's multiple-choice set, its training and accuracy
-    viz, figures, tutorial               pictures and tables for the notebooks · the course's SVG figures · run them headless
+      ablate                             the paper's ablations in miniature: rows retrained over seeds, one table
+    viz, figures, tutorial               notebook pictures and tables · the course's SVG figures · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)
 """

@@ -11,10 +11,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 
-from . import features, jsonl, judge, scienceqa, stages, tutorial, validate, world
+from . import ablate, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
 from .config import ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -398,6 +400,36 @@ def _scienceqa(sub) -> None:
     e.set_defaults(func=run_evaluate)
 
 
+def _ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="the paper's ablations in miniature: each row retrained over seeds, one table")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", type=Path, help="results folder (default outputs/<preset>/ablate)")
+    p.add_argument("--rows", nargs="*", help=f"rows to run (default all: {[r.name for r in ablate.ROWS]})")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--data", type=Path, help="the multiple-choice set (default: the world's, written when missing)")
+    p.add_argument("--stage1-steps", type=int, default=0, help="a reduced run: stage-1 steps (0: the preset's)")
+    p.add_argument("--stage2-steps", type=int, default=0, help="a reduced run: stage-2 steps (0: the preset's)")
+    p.add_argument("--eval-limit", type=int, default=0, help="a reduced run: questions of each score (0: all)")
+    p.add_argument("--batch-size", type=int, default=0, help="a reduced run: both stages' batch size (0: the preset's)")
+    p.add_argument("--report", type=Path, help="also write the results file (markdown) here")
+
+    def run(args):
+        t0 = time.perf_counter()
+        rows = [ablate.row_named(n) for n in args.rows] if args.rows else ablate.ROWS
+        out = args.out or Layout.for_preset(args.preset).root / "ablate"
+        reduced = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "eval_limit", "batch_size")}
+        results = ablate.run(args.preset, out, rows, args.seeds, args.data, **reduced)
+        seconds = time.perf_counter() - t0
+        text = ablate.report(results, "llava-lite " + shlex.join(args.argv), seconds, time.strftime("%Y-%m-%d"))
+        io.write_text(out / "report.md", text)
+        if args.report:
+            io.write_text(args.report, text)
+        print(text)
+        log.info("ablations done in %.1f min; report in %s", seconds / 60, out / "report.md")
+
+    p.set_defaults(func=run)
+
+
 def _tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
     p.add_argument("--preset", default="tiny")
@@ -421,6 +453,7 @@ COMMANDS = (
     _evaluate,
     _judge,
     _scienceqa,
+    _ablate,
     _tutorial,
 )
 
@@ -435,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for results files that say what made them
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
