@@ -20,6 +20,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       stages, lesson                     load the parts, run a stage, load it back · one setup call a notebook
     §5 evaluation
       generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
+      export                             a checkpoint as a Hugging Face Llava folder, checked against ours
     viz, tutorial                        pictures and tables for the notebooks · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import features, stages, tutorial, validate, world
+from . import export, features, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -280,6 +280,20 @@ def _evaluate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="a stage-2 checkpoint as a Hugging Face Llava folder (for transformers serve)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", type=Path, help="default: the latest stage-2 checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+
+    def run(args):
+        out = export.export(args.checkpoint, args.out, args.preset, overwrite=args.overwrite)
+        log.info("serve it: transformers serve %s --host 127.0.0.1 --port 8000", out)
+
+    p.set_defaults(func=run)
+
+
 def _tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
     p.add_argument("--preset", default="tiny")
@@ -293,7 +307,7 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _tutorial)
+COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _export, _tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:
