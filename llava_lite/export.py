@@ -273,13 +273,6 @@ def to_hf(model: LlavaLite, tokenizer, tower: VisionTower, template_name: str):
 
 
 # ------------------------------------------------------------------ the folder
-def _lora_in(checkpoint: Path) -> bool:
-    from safetensors import safe_open  # only to peek at the names in the checkpoint
-
-    with safe_open(str(checkpoint / "trainable.safetensors"), "pt") as f:
-        return any("lora_" in k for k in f.keys())
-
-
 def export(
     checkpoint: str | Path | None,
     out: str | Path,
@@ -301,9 +294,9 @@ def export(
         raise FileNotFoundError(f"{checkpoint}: not a llava-lite checkpoint (no trainable.safetensors)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    lora = _lora_in(checkpoint)
     tower = load_vision(preset.vision)
     model, tokenizer = load_stage(preset, checkpoint, tower)
+    lora = hasattr(model.lm, "peft_config")  # merged by to_hf
     hf, processor = to_hf(model, tokenizer, tower, preset.model.stage2_template)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -55,6 +55,15 @@ def scene_image(seed: int = 1):
     return world.render(world.sample_world(WorldConfig(splits={"test": 1}, seed=seed))["test"][0])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread; on a busy CPU more threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stage2_samples():
     return [s for s in world_samples(8)[1] if s["type"] in stages.STAGE_TYPES[2]]
@@ -85,6 +94,20 @@ def trained(tmp_path_factory, stage2_samples):
         ckpt = latest_checkpoint(run)
         out[name] = (preset, ckpt, export.export(ckpt, root / name / "hf", preset))
     return out
+
+
+@pytest.fixture(scope="module")
+def compared(trained):
+    """``compare`` of each variant on one scene, run once: ``{variant: result}``."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            preset, ckpt, folder = trained[name]
+            cache[name] = export.compare(folder, scene_image(), QUESTION, checkpoint=ckpt, preset=preset)
+        return cache[name]
+
+    return get
 
 
 # ------------------------------------------------------------------ the parts
@@ -176,9 +199,9 @@ def test_the_roles_template_as_jinja_equals_ours_and_plain_is_refused(tok):
 
 # ------------------------------------------------------------------ the four variants
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_the_export_gives_our_logits_and_greedy_reply(trained, name):
+def test_the_export_gives_our_logits_and_greedy_reply(trained, compared, name):
     preset, ckpt, folder = trained[name]
-    result = export.compare(folder, scene_image(), QUESTION, checkpoint=ckpt, preset=preset)
+    result = compared(name)
     assert result["prompt_ids_equal"] and result["max_abs_pixel_diff"] < 1e-6
     assert result["max_abs_logit_diff"] < 1e-4, result
     assert result["ours_tokens"] == result["export_tokens"] and len(result["ours_tokens"]) > 0
@@ -249,19 +272,19 @@ def test_cli_export_writes_the_folder_and_refuses_to_overwrite(trained, tmp_path
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0
 
 
-def test_the_pipeline_gives_our_reply(trained):
-    preset, ckpt, folder = trained["lora"]
-    ours = export.compare(folder, scene_image(), QUESTION, checkpoint=ckpt, preset=preset)["ours_text"]
+def test_the_pipeline_gives_our_reply(trained, compared):
+    folder = trained["lora"][2]
+    ours = compared("lora")["ours_text"]
     pipe = pipeline("image-text-to-text", model=str(folder), device="cpu")
     out = pipe(text=export.messages_for(scene_image(), QUESTION), max_new_tokens=16, return_full_text=False)
     assert out[0]["generated_text"] == ours
 
 
 @pytest.mark.slow
-def test_transformers_serve_answers_an_image_url_request_with_our_greedy_reply(trained, tmp_path):
-    preset, ckpt, folder = trained["lora"]
+def test_transformers_serve_answers_an_image_url_request_with_our_greedy_reply(trained, compared, tmp_path):
+    folder = trained["lora"][2]
     image = scene_image()
-    ours = export.compare(folder, image, QUESTION, checkpoint=ckpt, preset=preset, max_new_tokens=16)
+    ours = compared("lora")
     buf = pyio.BytesIO()
     image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -276,7 +299,7 @@ def test_transformers_serve_answers_an_image_url_request_with_our_greedy_reply(t
             }  # fmt: skip
         ],
     }
-    with transformers_serve(folder, tmp_path / "serve.log") as base:
+    with transformers_serve(folder, tmp_path / "serve.log", env={"OMP_NUM_THREADS": "1"}) as base:
         reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
     assert reply.status_code == 200, reply.text
     data = reply.json()
