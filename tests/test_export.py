@@ -245,9 +245,10 @@ def test_the_lora_export_holds_merged_weights_that_differ_from_the_base(trained)
     assert (merged - dict(base.model.named_parameters())[name]).abs().max() > 1e-4
 
 
-def test_the_card_names_the_preset_the_data_and_the_measured_scores(trained, stage2_samples, outputs_dir, tmp_path):
+def test_the_card_names_the_preset_the_data_and_the_measured_scores(trained, stage2_samples, monkeypatch, tmp_path):
     preset, ckpt, _ = trained["mlp2x_gelu"]
-    io.write_json(outputs_dir / "tiny" / "instruct" / "train.json", stage2_samples)
+    monkeypatch.setenv("LLAVA_LITE_OUTPUTS", str(tmp_path / "outputs"))  # this test's own instruction data
+    io.write_json(tmp_path / "outputs" / "tiny" / "instruct" / "train.json", stage2_samples)
     recs = [{"qtype": "count", "correct": True}, {"qtype": "count", "correct": False},
             {"qtype": "colour", "correct": True}]  # fmt: skip
     save(ckpt / "exact_test.json", recs, score(recs))
