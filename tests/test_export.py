@@ -111,10 +111,12 @@ def compared(trained):
 
 
 # ------------------------------------------------------------------ the parts
-@pytest.mark.parametrize("keep_cls", [False, True])
-def test_clip_vision_model_gives_our_tower_features_at_every_layer(keep_cls):
-    tower = VisionTower.from_config(SMALL_CLIP, seed=0, keep_cls=keep_cls)
-    clip = CLIPVisionModel(export.clip_vision_config(tower)).eval()
+@pytest.mark.parametrize("keep_cls, quick_gelu", [(False, False), (True, False), (False, True)])
+def test_clip_vision_model_gives_our_tower_features_at_every_layer(keep_cls, quick_gelu):
+    tower = VisionTower.from_config(SMALL_CLIP | {"quick_gelu": quick_gelu}, seed=0, keep_cls=keep_cls)
+    config = export.clip_vision_config(tower)
+    assert config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")  # OpenAI's CLIPs use QuickGELU
+    clip = CLIPVisionModel(config).eval()
     clip.load_state_dict(export.clip_vision_state(tower))
     pixels = tower.pixels([scene_image().resize((32, 32))])
     with torch.no_grad():
