@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import ablate, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
+from . import ablate, export, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
 from .config import ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -427,6 +427,18 @@ def _ablate(sub) -> None:
         print(text)
         log.info("ablations done in %.1f min; report in %s", seconds / 60, out / "report.md")
 
+
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="a stage-2 checkpoint as a Hugging Face Llava folder (for transformers serve)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", type=Path, help="default: the latest stage-2 checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+
+    def run(args):
+        out = export.export(args.checkpoint, args.out, args.preset, overwrite=args.overwrite)
+        log.info("serve it: transformers serve %s --host 127.0.0.1 --port 8000", out)
+
     p.set_defaults(func=run)
 
 
@@ -454,6 +466,7 @@ COMMANDS = (
     _judge,
     _scienceqa,
     _ablate,
+    _export,
     _tutorial,
 )
 

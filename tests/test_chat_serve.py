@@ -6,14 +6,8 @@ raw text, and the request and token counts must match what the server did.
 """
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from llava_lite import jsonl
@@ -21,6 +15,7 @@ from llava_lite.config import TeacherConfig
 from llava_lite.teachers import chat
 from llava_lite.teachers.prompts import RESPONSE_TYPES, load_prompts
 
+from serve_fixtures import transformers_serve
 from test_chat_teacher import KEY, KEY_ENV, assert_key_nowhere, make_contexts
 
 MAX_TOKENS = 12
@@ -75,59 +70,18 @@ def save_tiny_chat_model(folder: Path):
     return tokenizer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failures_with_raw_text(tmp_path):
-    exe = Path(sys.executable).with_name("transformers")
-    if not exe.exists():
-        exe = shutil.which("transformers")
-    assert exe, "the `transformers` command is missing: pip install 'transformers[serving]'"
     model_dir = tmp_path / "tiny-chat-model"
     tokenizer = save_tiny_chat_model(model_dir)
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **{KEY_ENV: KEY})
     server_log = tmp_path / "serve.log"
-    with open(server_log, "wb") as logf:
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "serve",
-                str(model_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--log-level",
-                "info",
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"transformers serve exited: {server_log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"transformers serve not up in 60 s: {server_log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-
+    with transformers_serve(model_dir, server_log, env={KEY_ENV: KEY}) as url:
         contexts = make_contexts(2)
         out = tmp_path / "chat.jsonl"
         cfg = TeacherConfig(
             kind="chat",
             model=str(model_dir),
-            base_url=f"http://127.0.0.1:{port}/v1",
+            base_url=f"{url}/v1",
             api_key_env=KEY_ENV,
             chat_max_tokens=MAX_TOKENS,
             chat_temperature=1.0,
@@ -140,13 +94,6 @@ def test_transformers_serve_speaks_the_protocol_and_random_replies_become_failur
             stats = chat.generate(contexts, out, cfg, progress=False)
         finally:
             del os.environ[KEY_ENV]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
     units = len(contexts) * len(RESPONSE_TYPES)
     attempts = 1 + cfg.chat_format_retries

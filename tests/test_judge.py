@@ -2,15 +2,10 @@
 endpoint judge (our HTTP server, then ``transformers serve``) and the offline fact-checking judge."""
 
 import json
-import os
 import random
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -22,7 +17,8 @@ from llava_lite.paths import Layout
 from llava_lite.teachers.testing_server import FaultyChatServer
 from llava_lite.train import save_checkpoint
 
-from test_chat_serve import free_port, save_tiny_chat_model
+from serve_fixtures import transformers_serve
+from test_chat_serve import save_tiny_chat_model
 from test_chat_teacher import KEY, KEY_ENV, assert_key_nowhere
 
 
@@ -393,55 +389,16 @@ def test_run_bench_writes_both_judges_scores_and_never_the_key(tmp_path, monkeyp
 @pytest.mark.slow
 def test_endpoint_judge_against_transformers_serve_both_orders_and_resume(tmp_path, monkeypatch):
     """A random model cannot write two scores: every reply is counted as unreadable, none is scored."""
-    exe = Path(sys.executable).with_name("transformers")
-    assert exe.exists(), "the `transformers` command is missing: pip install 'transformers[serving]'"
     model_dir = tmp_path / "tiny-judge-model"
     save_tiny_chat_model(model_dir)
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     server_log = tmp_path / "serve.log"
-    with open(server_log, "wb") as logf:
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "serve",
-                str(model_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--log-level",
-                "info",
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     monkeypatch.setenv(KEY_ENV, KEY)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"transformers serve exited: {server_log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"transformers serve not up in 60 s: {server_log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with transformers_serve(model_dir, server_log) as base:
         questions, answers = tiny_bench(3)
-        cfg = judge_teacher(f"http://127.0.0.1:{port}/v1", model=str(model_dir), chat_max_tokens=8, chat_timeout_s=30)
+        cfg = judge_teacher(f"{base}/v1", model=str(model_dir), chat_max_tokens=8, chat_timeout_s=30)
         out = tmp_path / "judge.jsonl"
         run = judge.endpoint_judge(questions, answers, out, cfg, progress=False)
         again = judge.endpoint_judge(questions, answers, out, cfg, progress=False)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     posts = server_log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
     assert run.asked == 6 and posts == 6  # both orders of 3 questions, and the rerun sent nothing
     assert again.asked == 0 and again.already_done == 6
