@@ -18,8 +18,9 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
     §4.2 the two stages
       train, memory                      one accelerate loop and schedule, checkpoints · the memory estimate
       stages, lesson                     load the parts, run a stage, load it back · one setup call a notebook
-    §5 evaluation
-      generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
+    §5 evaluation, and using the model
+      generate, evaluate                 greedy replies in batches, one streamed · the exact-answer score, its baselines
+      chat                               a conversation about one picture: the session, the terminal, the widget
     viz, tutorial                        pictures and tables for the notebooks · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)

@@ -14,7 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from . import features, stages, tutorial, validate, world
+import torch
+
+from . import chat, features, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -280,6 +282,28 @@ def _evaluate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk with a trained model about one image (replies stream; greedy by default)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder, or a run folder (its latest)")
+    p.add_argument("--image", type=Path, required=True, help="any image file: JPEG, PNG, ... of any size or mode")
+    p.add_argument("--preset", default="tiny", help="the preset the checkpoint was trained with")
+    p.add_argument("--question", help="answer this one question and exit (default: chat on stdin)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus' probability mass")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, help="sampling: the random seed (repeatable replies)")
+    p.add_argument("--device", default="cpu")
+
+    def run(args):
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        session = chat.ChatSession.from_checkpoint(args.checkpoint, args.preset, args.image, args.device)
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+        return chat.terminal(session, args.question, **sampling)
+
+    p.set_defaults(func=run)
+
+
 def _tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="run every notebook headless into outputs/notebooks/")
     p.add_argument("--preset", default="tiny")
@@ -293,7 +317,7 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _tutorial)
+COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _chat, _tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:
