@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import chat, features, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
@@ -295,6 +296,10 @@ def _chat(sub) -> None:
     p.add_argument("--device", default="cpu")
 
     def run(args):
+        if not args.verbose:  # a conversation on the terminal, without the loaders' notes and progress bars
+            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger("llava_lite").setLevel(logging.INFO)
+            hf_logging.disable_progress_bar()
         if args.seed is not None:
             torch.manual_seed(args.seed)
         session = chat.ChatSession.from_checkpoint(args.checkpoint, args.preset, args.image, args.device)

@@ -56,7 +56,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _upright(img, path)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 

@@ -46,7 +46,9 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 def test_every_declared_command_is_in_the_help(capsys):
     commands = _commands(cli.build_parser())
     assert len(commands) == len(cli.COMMANDS)  # each declaration adds one command
-    assert list(commands) == ["world", "instruct", "validate", "backbones", "features", "train", "evaluate", "chat", "tutorial"]
+    assert list(commands) == [
+        "world", "instruct", "validate", "backbones", "features", "train", "evaluate", "chat", "tutorial"
+    ]  # fmt: skip
     text = _help(capsys, [])
     for name in commands:
         assert re.search(rf"^\s+{name}\s", text, re.M), name
