@@ -144,7 +144,8 @@ class ChatSession:
 
     @property
     def history(self) -> list[tuple[str, str]]:
-        """``(question, reply)`` pairs so far, without the ``<image>`` marker."""
+        """``(question, reply)`` pairs so far as the model reads them again: the question without
+        ``<image>``, the reply stripped of surrounding spaces."""
         qs = [t["value"].replace(IMAGE_TOKEN, "").strip() for t in self.turns[::2]]
         return list(zip(qs, [t["value"] for t in self.turns[1::2]]))
 
@@ -202,7 +203,9 @@ class ChatSession:
                 device=self.device,
                 image_features=self.features,
             )
-        self.turns = turns + [{"from": "gpt", "value": reply}]
+        # kept as the instruction data keeps answers, without the space a first token may carry:
+        # read again next turn, it is then tokenised as the answers the model was trained on
+        self.turns = turns + [{"from": "gpt", "value": reply.strip()}]
         self.last_prompt = prompt
         return reply
 
@@ -223,6 +226,20 @@ def split_scenes(preset: str = "tiny", split: str = "test", limit: int | None = 
 
 
 # ------------------------------------------------------------------ the terminal
+def _after_leading_space(write: Callable[[str], None]) -> Callable[[str], None]:
+    """``write`` for streamed pieces, less the space a reply's first token may open with."""
+    started = False
+
+    def on_token(piece: str) -> None:
+        nonlocal started
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        if piece:
+            write(piece)
+
+    return on_token
+
+
 def terminal(
     session: ChatSession,
     question: str | None = None,
@@ -235,18 +252,13 @@ def terminal(
     (``/reset``, ``/prompt``, ``/quit``), tokens written to ``out`` as they arrive."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
 
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
     def answer(q: str) -> None:
         out.write("llava> ")
-        started = False
-
-        def write(piece: str) -> None:
-            nonlocal started
-            piece = piece if started else piece.lstrip()  # a reply may open with its first token's space
-            started = started or bool(piece)
-            out.write(piece)
-            out.flush()
-
-        session.ask(q, on_token=write, **sampling)
+        session.ask(q, on_token=_after_leading_space(write), **sampling)
         out.write("\n")
         out.flush()
 
@@ -369,7 +381,7 @@ class ChatWidget:
                 temperature=self.temperature.value,
                 top_p=self.top_p.value,
                 max_new_tokens=self.max_tokens.value,
-                on_token=self.log.append_stdout,
+                on_token=_after_leading_space(self.log.append_stdout),
             )
         except ValueError as e:  # no picture, an empty question, a conversation too long: said in the log
             self.log.append_stdout(f"({e})\n")
