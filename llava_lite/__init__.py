@@ -18,11 +18,12 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
     §4.2 the two stages
       train, memory                      one accelerate loop and schedule, checkpoints · the memory estimate
       stages, lesson                     load the parts, run a stage, load it back · one setup call a notebook
-    §5 evaluation
-      generate, evaluate                 batched greedy replies · the exact-answer score and its baselines
+    §5 evaluation, and using the model
+      generate, evaluate                 greedy replies in batches, one streamed · the exact-answer score, its baselines
       judge                              the judge score (LLaVA-Bench style): endpoint and offline judges
       scienceqa                          ScienceQA's format, the world's multiple-choice set, its training and accuracy
       ablate                             the paper's ablations in miniature: rows retrained over seeds, one table
+      chat                               a conversation about one picture: the session, the terminal, the widget
       export                             a checkpoint as a Hugging Face Llava folder, checked against ours
     viz, figures, tutorial               notebook pictures and tables · the course's SVG figures · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place

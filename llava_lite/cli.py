@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import ablate, export, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
+import torch
+from transformers.utils import logging as hf_logging
+
+from . import ablate, chat, export, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
 from .config import ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -439,6 +442,30 @@ def _export(sub) -> None:
         out = export.export(args.checkpoint, args.out, args.preset, overwrite=args.overwrite)
         log.info("serve it: transformers serve %s --host 127.0.0.1 --port 8000", out)
 
+
+def _chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk with a trained model about one image (replies stream; greedy by default)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder, or a run folder (its latest)")
+    p.add_argument("--image", type=Path, required=True, help="any image file: JPEG, PNG, ... of any size or mode")
+    p.add_argument("--preset", default="tiny", help="the preset the checkpoint was trained with")
+    p.add_argument("--question", help="answer this one question and exit (default: chat on stdin)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus' probability mass")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, help="sampling: the random seed (repeatable replies)")
+    p.add_argument("--device", default="cpu")
+
+    def run(args):
+        if not args.verbose:  # a conversation on the terminal, without the loaders' notes and progress bars
+            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger("llava_lite").setLevel(logging.INFO)
+            hf_logging.disable_progress_bar()
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        session = chat.ChatSession.from_checkpoint(args.checkpoint, args.preset, args.image, args.device)
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+        return chat.terminal(session, args.question, **sampling)
+
     p.set_defaults(func=run)
 
 
@@ -467,6 +494,7 @@ COMMANDS = (
     _scienceqa,
     _ablate,
     _export,
+    _chat,
     _tutorial,
 )
 

@@ -1,9 +1,11 @@
-"""Batched greedy replies with a KV cache: how every evaluation asks a model something.
+"""Batched greedy replies with a KV cache: how every evaluation asks a model something; and one
+reply streamed token by token, greedy or sampled: how a chat asks it.
 
 Prompts of different lengths are sorted by length, left-padded into batches and continued by the
 model's own ``generate`` until the token that ends an assistant turn; a reply is the decoded new
 tokens before it. The same function serves LLaVA (with image features for each batch), the blind
-model and the language model reading the scene as text.
+model and the language model reading the scene as text. :func:`stream_reply` runs the same
+``generate`` on one prompt and hands each piece of text to a callback as its token arrives.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 from .conversation import IMAGE_TOKEN, Encoded, Template, expand_image
 
@@ -89,11 +92,99 @@ def greedy_replies(
     return [replies[i] for i in range(len(prompts))]
 
 
+def conversation_prompt(model, template: Template, conversations: list[dict], sample_id: str = "") -> list[int]:
+    """Token ids of LLaVA turns so far plus the assistant's opening, each ``<image>`` grown to one
+    slot per patch token: what the model reads before it answers the last human turn."""
+    ids = template.prompt(conversations, sample_id)
+    pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
+    if not pos:
+        return ids
+    return expand_image(Encoded(ids, ids, sample_id, pos), model.config.num_image_tokens).input_ids
+
+
 def question_prompt(model, template: Template, question: str, sample_id: str = "", image: bool = True) -> list[int]:
     """Token ids asking ``question`` in one human turn (after ``<image>``, grown to one slot per
     patch token, when ``image``), ready for the model to answer."""
-    ids = template.prompt([{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if image else question}], sample_id)
-    if not image:
-        return ids
-    pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
-    return expand_image(Encoded(ids, ids, sample_id, pos), model.config.num_image_tokens).input_ids
+    value = f"{IMAGE_TOKEN}\n{question}" if image else question
+    return conversation_prompt(model, template, [{"from": "human", "value": value}], sample_id)
+
+
+class _TextStream(BaseStreamer):
+    """Takes each new token from ``generate`` and hands ``on_text`` the text it adds to the reply.
+    Text is held back while it ends in half a character (a multi-byte letter split over tokens)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_id: int, on_text: Callable[[str], None]):
+        self.decode, self.stop_id, self.on_text = decode, stop_id, on_text
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.prompt_seen = self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.stopped = self.stopped or t == self.stop_id
+            if not self.stopped:
+                self.tokens.append(t)
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.decode(self.tokens)
+        if (final or not text.endswith("\ufffd")) and text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent) :])
+            self.sent = text
+
+
+def stream_reply(
+    generate: Callable[..., torch.Tensor],
+    prompt: list[int],
+    stop_id: int,
+    decode: Callable[[list[int]], str],
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+    pad_id: int | None = None,
+    device: torch.device | str | None = None,
+    **extras,
+) -> str:
+    """One reply to ``prompt`` (token ids), its text handed to ``on_text`` piece by piece as tokens
+    arrive. ``temperature`` 0 is greedy (the same call :func:`greedy_replies` makes, so the same
+    reply); above 0 it samples from the softmax at that temperature, kept to the smallest set of
+    tokens whose probability reaches ``top_p`` (nucleus sampling). ``seed`` makes a sample
+    repeatable without touching the global random state. ``extras`` go to ``generate`` (image
+    features), moved to ``device`` like the prompt."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
+    extras = {k: v.to(device) if torch.is_tensor(v) and device is not None else v for k, v in extras.items()}
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    streamer = _TextStream(decode, stop_id, on_text) if on_text else None
+    on_gpu = ids.device.type == "cuda"
+    with torch.random.fork_rng(devices=[ids.device] if on_gpu else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_id,
+            pad_token_id=stop_id if pad_id is None else pad_id,
+            streamer=streamer,
+            **sampling,
+            **extras,
+        )
+    new = out[0].tolist()  # [T_new]: the new tokens (LLaVA's generate returns no prompt)
+    return decode(new[: new.index(stop_id)] if stop_id in new else new)

@@ -11,9 +11,10 @@ for any open_clip ViT:
 - a model config built offline with random weights: ``VisionTower.from_config(cfg, seed=0)``.
 
 The tower owns its preprocessing: any size, aspect ratio or mode (grayscale, RGBA, palette,
-16-bit) becomes an RGB square padded with the mean colour (LLaVA-1.5's choice, so nothing at an
-edge is cropped away), resized to the encoder's input size and normalised. A file that cannot be
-read raises :class:`ImageReadError` naming it.
+16-bit, CMYK) becomes an RGB square padded with the mean colour (LLaVA-1.5's choice, so nothing at
+an edge is cropped away), resized to the encoder's input size and normalised. A photo is turned
+upright by its EXIF orientation as it is read. A file that cannot be read raises
+:class:`ImageReadError` naming it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from .paths import PRETRAINED_DIR
@@ -46,28 +47,45 @@ class ImageReadError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image; any failure names the file."""
+    """Open and fully decode an image, upright by its EXIF orientation (as a camera meant it);
+    any failure names the file."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later in a batch
-            return img.copy()
+            return _upright(img, path)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+def _upright(img: Image.Image, path: Path) -> Image.Image:
+    """A copy of ``img`` rotated/flipped as its EXIF orientation says; unrotated (with a warning)
+    when the EXIF block itself is damaged, since the pixels are still good."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable EXIF orientation, image kept as stored (%s: %s)", path, type(e).__name__, e)
+        return img.copy()
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL mode as 8-bit RGB; transparent pixels are laid over ``background``."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: stretch to 0..255
+    """Any PIL mode as 8-bit RGB; transparent pixels are laid over ``background``.
+
+    16-bit grayscale (``I;16``, or ``I`` as older Pillow reads a 16-bit PNG) keeps its brightness:
+    0..65535 maps to 0..255 (value / 257, rounded), so a dark photo stays dark. Float images have
+    no fixed range and are stretched from their minimum to their maximum. CMYK uses Pillow's
+    conversion, R = (255 - C)(255 - K) / 255 and likewise for G and B."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale -> 8-bit
+        a = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
         a = np.asarray(img, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
         img = Image.fromarray(a.astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:  # palette or colour-key alpha too
         img = img.convert("RGBA")
         base = Image.new("RGBA", img.size, background + (255,))
         return Image.alpha_composite(base, img).convert("RGB")

@@ -58,6 +58,7 @@ def test_every_declared_command_is_in_the_help(capsys):
         "scienceqa",
         "ablate",
         "export",
+        "chat",
         "tutorial",
     ]
     assert list(commands) == expected

@@ -1,5 +1,6 @@
 """Batched greedy replies: left-padded batches that answer as one prompt at a time would, the token
-that ends a turn, the prompt of one question, and eval mode only for the block that asks."""
+that ends a turn, the prompt of one question, eval mode only for the block that asks, and a
+streamed reply that hands over whole characters."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llava_lite import conversation as conv
 from llava_lite import evaluate as ev
-from llava_lite.generate import evaluating, greedy_replies, question_prompt, stop_id
+from llava_lite.generate import evaluating, greedy_replies, question_prompt, stop_id, stream_reply
 
 from llava_fixtures import NUM_IMAGE_TOKENS, fake_features
 
@@ -116,3 +117,28 @@ def test_evaluating_puts_the_model_in_eval_mode_and_restores_its_mode_even_on_er
     with evaluating(model):
         pass
     assert not model.training  # a model in eval mode stays there
+
+
+def test_stream_reply_hands_over_whole_characters_until_the_stop_token_and_the_pieces_make_the_reply():
+    reply = "héllo, wörld"
+    tokens = [*reply.encode("utf-8"), STOP, 33]  # one byte a token: é and ö arrive in two halves
+
+    def generate(input_ids, attention_mask, max_new_tokens, streamer, **kw):
+        streamer.put(input_ids)  # the prompt comes first, as transformers' generate hands it over
+        for t in tokens:
+            streamer.put(torch.tensor([t]))
+        streamer.end()
+        return torch.tensor([tokens])
+
+    pieces = []
+    got = stream_reply(
+        generate, [5, 6], STOP, lambda t: bytes(t).decode("utf-8", errors="replace"), on_text=pieces.append
+    )
+    assert got == reply and "".join(pieces) == reply
+    assert "é" in pieces and "ö" in pieces and not any("\ufffd" in p for p in pieces)  # never half a letter
+
+
+def test_stream_reply_refuses_settings_that_mean_nothing():
+    for bad in ({"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            stream_reply(lambda **kw: None, [1], STOP, str, **bad)
