@@ -430,6 +430,8 @@ def _ablate(sub) -> None:
         print(text)
         log.info("ablations done in %.1f min; report in %s", seconds / 60, out / "report.md")
 
+    p.set_defaults(func=run)
+
 
 def _export(sub) -> None:
     p = sub.add_parser("export", help="a stage-2 checkpoint as a Hugging Face Llava folder (for transformers serve)")
@@ -441,6 +443,8 @@ def _export(sub) -> None:
     def run(args):
         out = export.export(args.checkpoint, args.out, args.preset, overwrite=args.overwrite)
         log.info("serve it: transformers serve %s --host 127.0.0.1 --port 8000", out)
+
+    p.set_defaults(func=run)
 
 
 def _chat(sub) -> None:

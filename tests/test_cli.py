@@ -68,6 +68,20 @@ def test_every_declared_command_is_in_the_help(capsys):
     assert set(_commands(commands["backbones"])) == {"lm", "clip"}
 
 
+def test_every_command_runs_something():
+    def leaves(parser, path):
+        inner = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not inner:
+            yield path, parser
+        for action in inner:
+            for name, sub in action.choices.items():
+                yield from leaves(sub, path + [name])
+
+    for path, parser in leaves(cli.build_parser(), []):
+        if path:
+            assert callable(parser.get_default("func")), f"`llava-lite {' '.join(path)}` has no function to run"
+
+
 @pytest.mark.parametrize("backbone, flags", [("lm", LM_CARD_FLAGS), ("clip", CLIP_CARD_FLAGS)])
 def test_backbones_help_lists_the_flags_the_shipped_cards_use(capsys, backbone, flags):
     listed = _flags(_help(capsys, ["backbones", backbone]))
