@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from . import io, jsonl, scienceqa, stages, viz
 from .config import Preset, get_preset
 from .conversation import get_template
 from .evaluate import ask_llava, exact_items, records, score
-from .paths import Layout
+from .paths import REPO_DIR, Layout
 from .train import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ ROWS = (
     Row("linear projector", projector="linear", changes="one linear layer (the paper's) instead of mlp2x_gelu"),
     Row("answer first", answer_format="answer-first", paper=89.77, changes="the answer before its reasoning"),
 )
+DOCS_RESULTS = REPO_DIR / "docs" / "ablations.jsonl"  # the full-size results, committed beside docs/ablations.md
 PAPER_NOTE = "paper: ScienceQA accuracy of LLaVA (Vicuna-13B), Table 8; the linear row has no paper figure"
 
 
@@ -83,12 +85,14 @@ def run_unit(
     stage2_steps: int = 0,
     eval_limit: int = 0,
     batch_size: int = 0,
+    train_limit: int = 0,
     progress: bool = False,
 ) -> dict:
     """Train and score one (row, seed): stage 1 (unless the row skips it), stage 2 on the
     instruction data plus the multiple-choice ``train`` split, then both scores on ``test``.
-    ``*_steps`` and ``batch_size`` (0: the preset's) and ``eval_limit`` (0: every question) make
-    reduced runs."""
+    ``*_steps`` and ``batch_size`` (0: the preset's), ``eval_limit`` (0: every question) and
+    ``train_limit`` (0: every sample; else the first that many of each stage's training samples)
+    make reduced runs."""
     t0 = time.perf_counter()
     base, layout = get_preset(preset_name), Layout.for_preset(preset_name)
     preset = row_preset(base, row)
@@ -100,7 +104,7 @@ def run_unit(
     stage1, steps1 = None, 0
     if row.stage1:
         s1 = {k: v for k, v in (("max_steps", stage1_steps), ("batch_size", batch_size)) if v}
-        captions = _keyed(stages.stage_samples(layout, "train", 1), "train")
+        captions = _keyed(stages.stage_samples(layout, "train", 1), "train")[: train_limit or None]
         run1 = folder / "stage1"
         steps1 = stages.run_stage(
             preset, model, tokenizer, feats, 1, captions, run1, progress=progress, seed=seed, **s1
@@ -109,6 +113,8 @@ def run_unit(
     stages.prepare_stage2(preset, model, stage1, seed=seed)
     problems = scienceqa.read_split(mc_data, "train")
     mix = _keyed(stages.stage_samples(layout, "train", 2), "train") + scienceqa.to_samples(problems, row.answer_format)
+    if train_limit:  # the same share of instruction and multiple-choice samples, drawn with the seed
+        mix = random.Random(seed).sample(mix, min(train_limit, len(mix)))
     s2 = {k: v for k, v in (("max_steps", stage2_steps), ("batch_size", batch_size)) if v}
     run2 = folder / "stage2"
     summary = stages.run_stage(preset, model, tokenizer, feats, 2, mix, run2, progress=progress, seed=seed, **s2)
@@ -235,3 +241,38 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
     ]
     lines.append(viz.table(runs))
     return "\n".join(lines) + "\n"
+
+
+def saved_results(preset_name: str, docs: Path = DOCS_RESULTS) -> tuple[list[dict], Path | None]:
+    """The full-size results of ``preset_name`` that exist, and where they came from: the
+    ``llava-lite ablate`` output (``outputs/<preset>/ablate/results.jsonl``) first, else the
+    committed ``docs`` file; ``([], None)`` when neither holds any. Reduced runs are left out."""
+    for path in (Layout.for_preset(preset_name).root / "ablate" / "results.jsonl", Path(docs)):
+        if path.exists():
+            found = [r for _, r in jsonl.read_jsonl(path) if r.get("preset") == preset_name and not r.get("reduced")]
+            if found:
+                return found, path
+    return [], None
+
+
+def by_row(results: Sequence[dict], key: str) -> dict[str, list[float]]:
+    """``{row: [score of each seed]}`` for ``key`` (``exact`` or ``mc``), rows in the table's order."""
+    out = {row.name: [r[key] for r in results if r["row"] == row.name] for row in ROWS}
+    return {name: values for name, values in out.items() if values}
+
+
+def compare(results: Sequence[dict], a: str, b: str, key: str = "mc") -> str:
+    """One sentence on rows ``a`` and ``b``: their means over seeds, the difference, and whether the
+    seeds' ranges overlap (then the difference is within what a reseed moves)."""
+    rows = by_row(results, key)
+    if a not in rows or b not in rows:
+        return f"no results for {[n for n in (a, b) if n not in rows]}"
+    va, vb = rows[a], rows[b]
+    ma, mb = statistics.mean(va), statistics.mean(vb)
+    overlap = min(va) <= max(vb) and min(vb) <= max(va)
+    verdict = "the seeds' ranges overlap: within what a reseed moves" if overlap else "the seeds' ranges do not overlap"
+    return (
+        f"{a} {ma:.3f} (seeds {min(va):.3f}-{max(va):.3f}) vs {b} {mb:.3f} (seeds {min(vb):.3f}-{max(vb):.3f}): "
+        + (f"{a} {'higher' if ma > mb else 'lower'} by {abs(ma - mb):.3f}; " if ma != mb else "equal means; ")
+        + verdict
+    )

@@ -446,7 +446,7 @@ def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict
 def score_mc(recs: Sequence[dict]) -> dict:
     """Accuracy overall, per category, per subject and for questions with / without a picture,
     with each group's size, the number of unparseable replies (counted as wrong) and what
-    guessing a letter would score."""
+    guessing a letter would score, overall and per category (``chance_by``)."""
 
     def acc(rows):
         return sum(r["correct"] for r in rows) / len(rows)
@@ -463,6 +463,7 @@ def score_mc(recs: Sequence[dict]) -> dict:
     return {
         "overall": acc(recs) if recs else 0.0,
         "chance": sum(1 / r["choices"] for r in recs) / len(recs) if recs else 0.0,  # guessing a letter
+        "chance_by": {c: sum(1 / r["choices"] for r in recs if r["category"] == c) / n for c, n in n_cat.items()},
         "questions": len(recs),
         "unparseable": sum(r["parsed"] is None for r in recs),
         "accuracy": per_cat,

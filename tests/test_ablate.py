@@ -82,3 +82,32 @@ def test_the_table_holds_means_spreads_and_differences_from_the_baseline():
     }  # fmt: skip
     assert cold["exact"] == 0.6 and cold["exact spread"] == 0.2 and cold["exact vs baseline"] == -0.25
     assert cold["mc"] == 0.45 and cold["mc vs baseline"] == -0.2 and cold["paper vs baseline"] == -5.11
+
+
+def _result(row, seed, exact, mc, preset="tiny", reduced=None):
+    return {"row": row, "seed": seed, "preset": preset, "exact": exact, "mc": mc, "reduced": reduced}
+
+
+def test_saved_results_prefer_the_command_output_then_the_committed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_LITE_OUTPUTS", str(tmp_path / "outputs"))
+    docs = tmp_path / "ablations.jsonl"
+    assert ablate.saved_results("tiny", docs) == ([], None)
+    jsonl.write_jsonl(docs, [_result("baseline", 0, 0.8, 0.7), _result("baseline", 0, 0.5, 0.5, preset="colab")])
+    assert ablate.saved_results("tiny", docs) == ([_result("baseline", 0, 0.8, 0.7)], docs)
+    mine = Layout.for_preset("tiny").root / "ablate" / "results.jsonl"
+    jsonl.write_jsonl(mine, [_result("baseline", 1, 0.6, 0.6, reduced='{"stage2_steps": 2}')])
+    assert ablate.saved_results("tiny", docs)[1] == docs  # a reduced run is not the full ablation
+    jsonl.write_jsonl(mine, [_result("baseline", 1, 0.6, 0.6)])
+    assert ablate.saved_results("tiny", docs) == ([_result("baseline", 1, 0.6, 0.6)], mine)
+
+
+def test_rows_are_compared_with_their_spread_over_seeds():
+    results = [_result("answer first", 0, 0.5, 0.4), _result("baseline", 0, 0.6, 0.5), _result("baseline", 1, 0.8, 0.7)]
+    assert ablate.by_row(results, "mc") == {"baseline": [0.5, 0.7], "answer first": [0.4]}
+    assert ablate.compare(results, "baseline", "answer first", "mc") == (
+        "baseline 0.600 (seeds 0.500-0.700) vs answer first 0.400 (seeds 0.400-0.400): baseline higher by 0.200; "
+        "the seeds' ranges do not overlap"
+    )
+    results.append(_result("answer first", 1, 0.7, 0.6))
+    assert ablate.compare(results, "baseline", "answer first", "mc").endswith("within what a reseed moves")
+    assert ablate.compare(results, "baseline", "no stage 1") == "no results for ['no stage 1']"

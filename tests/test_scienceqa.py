@@ -305,3 +305,13 @@ def test_the_command_writes_the_set_and_says_what_train_and_evaluate_lack(world_
     assert "needs --checkpoint (or --reader)" in caplog.text
     with pytest.raises(SystemExit):
         cli.main(["scienceqa", "train", "--format", "cot"])
+
+
+def test_guessing_is_scored_per_category_too():
+    recs = [
+        {"category": "count", "subject": "s", "image": True, "choices": 2, "parsed": "A", "correct": True},
+        {"category": "count", "subject": "s", "image": True, "choices": 4, "parsed": "B", "correct": False},
+        {"category": "size", "subject": "s", "image": False, "choices": 5, "parsed": None, "correct": False},
+    ]
+    s = scienceqa.score_mc(recs)
+    assert s["chance_by"] == {"count": (1 / 2 + 1 / 4) / 2, "size": 1 / 5}
