@@ -111,3 +111,15 @@ def test_rows_are_compared_with_their_spread_over_seeds():
     results.append(_result("answer first", 1, 0.7, 0.6))
     assert ablate.compare(results, "baseline", "answer first", "mc").endswith("within what a reseed moves")
     assert ablate.compare(results, "baseline", "no stage 1") == "no results for ['no stage 1']"
+
+
+@pytest.mark.slow
+def test_a_train_limit_trains_on_that_many_samples_and_is_recorded(tiny_outputs, monkeypatch):
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("LLAVA_LITE_OUTPUTS", str(tiny_outputs))
+    reduced = {"stage1_steps": 1, "stage2_steps": 1, "eval_limit": 2, "batch_size": 4, "train_limit": 8}
+    out = tiny_outputs / "ablate-limited"
+    (result,) = ablate.run("tiny", out, [ablate.row_named("answer first")], (0,), progress=False, **reduced)
+    assert json.loads(result["reduced"]) == reduced
+    assert 0 < result["stage2_examples"]["kept"] <= 8 and result["stage2_steps"] == 1
