@@ -7,6 +7,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
     §3 data generation
       world, facts                       the shapes world in COCO format · facts captions and teachers state
       coco                               COCO captions + instances -> symbolic contexts
+      coco_download                      COCO 2017 fetched (resumed, checked) into the world's layout
       scene_text                         a context written as text for a reader that cannot see
       teachers/                          symbolic teacher, chat endpoint, prompts as data files
       validate                           LLaVA-format checks

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import features, jsonl, judge, stages, tutorial, validate, world
+from . import coco_download, features, jsonl, judge, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -70,6 +70,17 @@ def command_line(args: argparse.Namespace, *configs) -> str:
     )
 
 
+def split_sizes(items: list[str]) -> dict[str, int]:
+    """``["train=1000", "test=100"]`` -> ``{"train": 1000, "test": 100}`` (the ``--split`` flags)."""
+    sizes = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            raise ValueError(f"--split {item!r}: expected NAME=N, e.g. train=1000")
+        sizes[name] = int(n)
+    return sizes
+
+
 # ------------------------------------------------------------------ the commands
 def _world(sub) -> None:
     p = sub.add_parser("world", help="generate the shapes world as COCO-format files")
@@ -88,16 +99,32 @@ def _world(sub) -> None:
         cfg = get_preset(args.preset).world
         cfg.seed = cfg.seed if args.seed is None else args.seed
         cfg.image_size = args.image_size or cfg.image_size
-        if args.split:
-            cfg.splits = {}
-            for item in args.split:
-                name, _, n = item.partition("=")
-                if not n.isdigit():
-                    raise ValueError(f"--split {item!r}: expected NAME=N, e.g. train=1000")
-                cfg.splits[name] = int(n)
+        cfg.splits = split_sizes(args.split) if args.split else cfg.splits
         out = args.out or Layout.for_preset(args.preset).world
         counts = world.generate(cfg, out)
         log.info("wrote %s to %s", ", ".join(f"{n} {s}" for s, n in counts.items()), out)
+
+    p.set_defaults(func=run)
+
+
+def _coco(sub) -> None:
+    p = sub.add_parser("coco", help="download COCO 2017 annotations and a chosen number of images (colab/full presets)")
+    p.add_argument("--preset", default="colab")
+    p.add_argument("--out", help="folder to write (default: outputs/<preset>/world)")
+    p.add_argument("--split", action="append", metavar="NAME=N", help="images per split, e.g. --split train=2000")
+    p.add_argument("--seed", type=int, help="which images are drawn (default: the preset's)")
+    p.add_argument("--url", help="the server of the release (default: images.cocodataset.org)")
+    p.add_argument("--md5", help="the annotations archive's MD5 (default: the 2017 release's)")
+
+    def run(args):
+        cfg = get_preset(args.preset).world
+        cfg.source = "coco"
+        cfg.splits = split_sizes(args.split) if args.split else cfg.splits
+        cfg.seed = cfg.seed if args.seed is None else args.seed
+        cfg.coco_url, cfg.coco_annotations_md5 = args.url or cfg.coco_url, args.md5 or cfg.coco_annotations_md5
+        out = args.out or Layout.for_preset(args.preset).world
+        counts = coco_download.fetch(cfg, out)
+        log.info("COCO: %s in %s", ", ".join(f"{n} {s}" for s, n in counts.items()), out)
 
     p.set_defaults(func=run)
 
@@ -346,7 +373,7 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _instruct, _validate, _backbones, _features, _train, _evaluate, _judge, _tutorial)
+COMMANDS = (_world, _coco, _instruct, _validate, _backbones, _features, _train, _evaluate, _judge, _tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ def test_every_declared_command_is_in_the_help(capsys):
     assert len(commands) == len(cli.COMMANDS)  # each declaration adds one command
     assert list(commands) == [
         "world",
+        "coco",
         "instruct",
         "validate",
         "backbones",
