@@ -4,6 +4,7 @@ The notebooks under ``notebooks/`` explain; this package does the work, one conc
 a module. Dependencies run down this map; the lab is used by nothing above it but ``cli``::
 
     config, paths, io, jsonl, envcheck   settings and presets · where files live · atomic writes · JSONL logs
+    hub                                  hub models from the cache or the hub, HF_HUB_OFFLINE, a clear error
     §3 data generation
       world, facts                       the shapes world in COCO format · facts captions and teachers state
       coco                               COCO captions + instances -> symbolic contexts

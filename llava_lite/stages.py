@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import features as fc
-from . import io
+from . import hub, io
 from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
@@ -39,9 +39,16 @@ STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact"
 
 
 def resolve(name: str) -> str:
-    """A short name of ``data/pretrained/`` -> its folder; anything else unchanged (a folder or hub id)."""
+    """A short name of ``data/pretrained/`` -> its folder; a folder unchanged; a hub id -> its
+    snapshot folder in the Hugging Face cache (downloaded first when missing and reachable)."""
     shipped = PRETRAINED_DIR / name
-    return str(shipped) if shipped.is_dir() else name
+    if shipped.is_dir():
+        return str(shipped)
+    if Path(name).is_dir():
+        return name
+    if name in ("tiny-lm", "tiny-clip"):
+        raise FileNotFoundError(f"{shipped}: the shipped {name} is missing (retrain it: llava-lite backbones)")
+    return str(hub.snapshot(name, hub.LM_FILES, what="language model"))
 
 
 def load_language(cfg: LanguageConfig):
