@@ -65,6 +65,7 @@ class LanguageConfig:
 
     name: str = "tiny-lm"  # short name of data/pretrained/, a folder, or a hub id (HuggingFaceTB/SmolLM2-360M-Instruct)
     dtype: str = "fp32"  # weights' dtype when loaded: fp32 | bf16 | fp16
+    attn: str = "sdpa"  # attention kernel: "sdpa" (PyTorch's, runs on a T4) | "eager" | "flash_attention_2" (Ampere+)
     load_in_4bit: bool = False  # QLoRA: a 4-bit (NF4) frozen base under LoRA; needs a CUDA GPU and bitsandbytes
 
 
@@ -188,11 +189,15 @@ def _full() -> Preset:
         vision=VisionConfig(encoder="ViT-L-14-336", pretrained="openai"),
         language=LanguageConfig(name="Qwen/Qwen2.5-1.5B-Instruct", dtype="bf16"),
         model=ModelConfig(max_len=2048),
-        stage1=TrainConfig(stage=1, lr=1e-3, batch_size=256, precision="bf16"),
+        # sized for one 80 GB A100/H100 (micro-batches of 8); on N GPUs divide grad_accum by N
+        stage1=TrainConfig(
+            stage=1, lr=1e-3, batch_size=256, grad_accum=32, precision="bf16", gradient_checkpointing=True
+        ),
         stage2=TrainConfig(
             stage=2,
             lr=2e-5,
             batch_size=128,
+            grad_accum=16,
             epochs=1,
             precision="bf16",
             group_by_length=True,

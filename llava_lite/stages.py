@@ -57,7 +57,7 @@ def load_language(cfg: LanguageConfig):
     tokenizer = AutoTokenizer.from_pretrained(where)
     if cfg.load_in_4bit:
         return _load_4bit(where, cfg), tokenizer
-    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype])
+    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn)
     return lm, tokenizer
 
 
@@ -85,7 +85,9 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
     )
-    lm = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, dtype=compute, device_map={"": 0})
+    lm = AutoModelForCausalLM.from_pretrained(
+        where, quantization_config=quant, dtype=compute, device_map={"": 0}, attn_implementation=cfg.attn
+    )
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
 

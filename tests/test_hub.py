@@ -44,6 +44,7 @@ def test_a_hub_language_model_loads_offline_from_the_cache(offline_cache, tok):
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
     got, got_tok = stages.load_language(LanguageConfig(name="test-org/tiny-instruct"))
+    assert got.config._attn_implementation == "sdpa"
     assert got_tok("a red circle")["input_ids"] == tok("a red circle")["input_ids"]
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(got(ids).logits, lm(ids).logits)
@@ -79,5 +80,8 @@ def test_the_real_presets_name_hub_models_and_fit_their_machines():
     assert (colab.vision.encoder, colab.vision.pretrained) == ("ViT-B-16", "openai")
     assert colab.language.name == "HuggingFaceTB/SmolLM2-360M-Instruct" and colab.language.dtype != "bf16"
     assert {colab.stage1.precision, colab.stage2.precision} == {"fp16"}  # a T4 has no bf16
+    assert colab.language.attn == "sdpa"  # flash-attn needs Ampere or newer
+    for p in (colab, full):  # a micro-batch of at most 8 per GPU: the memory estimate's budget
+        assert all(s.batch_size // s.grad_accum <= 8 for s in (p.stage1, p.stage2))
     assert (full.vision.encoder, full.language.name) == ("ViT-L-14-336", "Qwen/Qwen2.5-1.5B-Instruct")
     assert colab.world.source == full.world.source == "coco"
