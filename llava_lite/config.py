@@ -167,7 +167,8 @@ def _colab() -> Preset:
         language=LanguageConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct", dtype="fp32"),
         model=ModelConfig(max_len=512, lora=True, lora_r=64, lora_alpha=128),
         # sized for one T4 (16 GB, fp16): micro-batches of 8 with accumulation
-        stage1=TrainConfig(stage=1, lr=1e-3, batch_size=64, grad_accum=8, precision="fp16"),
+        # checkpoints every few minutes, so a notebook rerun after a Colab disconnect resumes (run_stage)
+        stage1=TrainConfig(stage=1, lr=1e-3, batch_size=64, grad_accum=8, precision="fp16", save_every=20),
         stage2=TrainConfig(
             stage=2,
             lr=2e-5,
@@ -178,6 +179,7 @@ def _colab() -> Preset:
             precision="fp16",
             group_by_length=True,
             gradient_checkpointing=True,
+            save_every=100,
         ),
     )
 
@@ -191,7 +193,13 @@ def _full() -> Preset:
         model=ModelConfig(max_len=2048),
         # sized for one 80 GB A100/H100 (micro-batches of 8); on N GPUs divide grad_accum by N
         stage1=TrainConfig(
-            stage=1, lr=1e-3, batch_size=256, grad_accum=32, precision="bf16", gradient_checkpointing=True
+            stage=1,
+            lr=1e-3,
+            batch_size=256,
+            grad_accum=32,
+            precision="bf16",
+            gradient_checkpointing=True,
+            save_every=100,
         ),
         stage2=TrainConfig(
             stage=2,
@@ -202,6 +210,7 @@ def _full() -> Preset:
             precision="bf16",
             group_by_length=True,
             gradient_checkpointing=True,
+            save_every=200,
         ),
     )
 

@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -144,6 +147,33 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
     return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
 
 
+def run_fingerprint(cfg, model: LlavaLite, samples: list[dict]) -> str:
+    """What makes two runs the same run: the stage's settings, the samples, the model it starts
+    from (its config, its projector's weights, LoRA or not)."""
+    h = hashlib.sha1(json.dumps([asdict(cfg), samples, asdict(model.config)], sort_keys=True, default=str).encode())
+    h.update(str(any("lora_" in n for n, _ in model.named_parameters())).encode())
+    for name, p in sorted(model.projector.state_dict().items()):
+        h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def should_resume(out: Path, fingerprint: str) -> bool:
+    """``True`` when ``out`` holds a checkpoint of this very run (a notebook rerun after a disconnect).
+    A folder of another run is cleared of its checkpoints, so a later rerun never resumes from them."""
+    out = Path(out)
+    stamp = out / "run.json"
+    same = stamp.exists() and io.read_json(stamp).get("fingerprint") == fingerprint
+    if same and latest_checkpoint(out) is not None:
+        return True
+    if not same and (out / "latest.json").exists():
+        log.info("%s holds another run's checkpoints; starting this run afresh", out)
+        (out / "latest.json").unlink()
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    io.write_json(stamp, {"fingerprint": fingerprint})
+    return False
+
+
 def run_stage(
     preset: Preset,
     model: LlavaLite,
@@ -152,16 +182,23 @@ def run_stage(
     stage: int,
     samples: list[dict],
     out: Path,
-    resume: bool = False,
+    resume: bool | None = None,
     progress: bool = True,
     accelerator=None,
     **overrides,
 ) -> dict:
-    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
+    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``). ``resume``
+    ``None`` (the default): go on from the run folder's last checkpoint when it holds this same run
+    (same settings, samples and starting model), else start afresh; ``True`` / ``False`` force it."""
     cfg = replace(preset.stage1 if stage == 1 else preset.stage2, **overrides)
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
     log.info("stage %d: %s", stage, dict(stats))
     collate = Collator(tokenizer.pad_token_id, features=feats)
+    if resume is None:
+        is_main = accelerator is None or accelerator.is_main_process
+        resume = (
+            should_resume(out, run_fingerprint(cfg, model, samples)) if is_main else latest_checkpoint(out) is not None
+        )
     summary = train(model, examples, collate, cfg, out, resume=resume, progress=progress, accelerator=accelerator)
     summary["examples"] = dict(stats)
     return summary
