@@ -12,6 +12,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       scene_text                         a context written as text for a reader that cannot see
       teachers/                          symbolic teacher, chat endpoint, prompts as data files
       validate                           LLaVA-format checks
+      released                           LLaVA's released JSON (LLaVA-Pretrain, LLaVA-Instruct-150K) as a split
     §4 vision, labels, model
       vision, features                   the frozen CLIP tower and its one image route · the feature cache
       probes, retrieval                  what the tower's features hold · image-text retrieval of a CLIP

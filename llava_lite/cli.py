@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import coco_download, features, jsonl, judge, stages, tutorial, validate, world
+from . import coco_download, features, jsonl, judge, released, stages, tutorial, validate, world
 from .config import TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
@@ -169,6 +169,23 @@ def _validate(sub) -> None:
     p.add_argument("--images", type=Path, help="image folder: check that every sample's image exists")
     p.add_argument("--max-problems", type=int, default=0, help="report at most this many problems (0: all)")
     p.set_defaults(func=lambda args: validate.report_file(args.file, args.images, args.max_problems))
+
+
+def _released(sub) -> None:
+    p = sub.add_parser("released", help="use LLaVA's released JSON (LLaVA-Pretrain, LLaVA-Instruct-150K) as a split")
+    p.add_argument("file", type=Path, help="e.g. blip_laion_cc_sbu_558k.json or llava_instruct_150k.json")
+    p.add_argument("--images", type=Path, required=True, help="the image folder the file's 'image' paths start from")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption data; 2: instruction data")
+    p.add_argument("--preset", default="colab")
+    p.add_argument("--split", default="train")
+
+    def run(args):
+        counts = released.import_split(args.file, args.images, Layout.for_preset(args.preset), args.split, args.stage)
+        log.info(
+            "%s: %s; next: llava-lite features --preset %s --split %s", args.split, counts, args.preset, args.split
+        )
+
+    p.set_defaults(func=run)
 
 
 def _backbones(sub) -> None:
@@ -373,7 +390,7 @@ def _tutorial(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = (_world, _coco, _instruct, _validate, _backbones, _features, _train, _evaluate, _judge, _tutorial)
+COMMANDS = (_world, _coco, _instruct, _validate, _released, _backbones, _features, _train, _evaluate, _judge, _tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:

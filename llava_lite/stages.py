@@ -38,7 +38,8 @@ from .vision import VisionTower
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact")}
+# "instruct": a sample of LLaVA's released instruction files whose type the file does not state
+STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact", "instruct")}
 
 
 def resolve(name: str) -> str:

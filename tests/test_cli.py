@@ -51,6 +51,7 @@ def test_every_declared_command_is_in_the_help(capsys):
         "coco",
         "instruct",
         "validate",
+        "released",
         "backbones",
         "features",
         "train",
