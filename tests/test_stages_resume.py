@@ -49,6 +49,7 @@ def test_a_rerun_after_a_disconnect_resumes_from_the_last_checkpoint_in_the_home
     assert latest_checkpoint(run).name == "checkpoint-6"
 
 
+@pytest.mark.slow
 def test_a_run_with_other_settings_or_data_starts_afresh_and_never_resumes_the_old_checkpoints(tok, tmp_path):
     preset, run = get_preset("tiny"), tmp_path / "stage1"
     with pytest.raises(Disconnect):
