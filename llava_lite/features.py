@@ -216,7 +216,7 @@ class FeatureReader:
     def __call__(self, image: int | str) -> torch.Tensor:
         """Features of an image given by id or by file name (as LLaVA JSON names images)."""
         if isinstance(image, str):
-            name = Path(image).name
+            name = image if image in self.by_name else Path(image).name  # LLaVA-Pretrain's "00453/<id>.jpg"
             if name not in self.by_name:
                 raise KeyError(f"{self.folder}: no features for image file {image!r}")
             image = self.by_name[name]

@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import features as fc
-from . import io
+from . import hub, io
 from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
@@ -35,13 +38,21 @@ from .vision import VisionTower
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact")}
+# "instruct": a sample of LLaVA's released instruction files whose type the file does not state
+STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact", "instruct")}
 
 
 def resolve(name: str) -> str:
-    """A short name of ``data/pretrained/`` -> its folder; anything else unchanged (a folder or hub id)."""
+    """A short name of ``data/pretrained/`` -> its folder; a folder unchanged; a hub id -> its
+    snapshot folder in the Hugging Face cache (downloaded first when missing and reachable)."""
     shipped = PRETRAINED_DIR / name
-    return str(shipped) if shipped.is_dir() else name
+    if shipped.is_dir():
+        return str(shipped)
+    if Path(name).is_dir():
+        return name
+    if name in ("tiny-lm", "tiny-clip"):
+        raise FileNotFoundError(f"{shipped}: the shipped {name} is missing (retrain it: llava-lite backbones)")
+    return str(hub.snapshot(name, hub.LM_FILES, what="language model"))
 
 
 def load_language(cfg: LanguageConfig):
@@ -50,7 +61,7 @@ def load_language(cfg: LanguageConfig):
     tokenizer = AutoTokenizer.from_pretrained(where)
     if cfg.load_in_4bit:
         return _load_4bit(where, cfg), tokenizer
-    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype])
+    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn)
     return lm, tokenizer
 
 
@@ -78,7 +89,9 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
     )
-    lm = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, dtype=compute, device_map={"": 0})
+    lm = AutoModelForCausalLM.from_pretrained(
+        where, quantization_config=quant, dtype=compute, device_map={"": 0}, attn_implementation=cfg.attn
+    )
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
 
@@ -135,6 +148,33 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
     return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
 
 
+def run_fingerprint(cfg, model: LlavaLite, samples: list[dict]) -> str:
+    """What makes two runs the same run: the stage's settings, the samples, the model it starts
+    from (its config, its projector's weights, LoRA or not)."""
+    h = hashlib.sha1(json.dumps([asdict(cfg), samples, asdict(model.config)], sort_keys=True, default=str).encode())
+    h.update(str(any("lora_" in n for n, _ in model.named_parameters())).encode())
+    for name, p in sorted(model.projector.state_dict().items()):
+        h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def should_resume(out: Path, fingerprint: str) -> bool:
+    """``True`` when ``out`` holds a checkpoint of this very run (a notebook rerun after a disconnect).
+    A folder of another run is cleared of its checkpoints, so a later rerun never resumes from them."""
+    out = Path(out)
+    stamp = out / "run.json"
+    same = stamp.exists() and io.read_json(stamp).get("fingerprint") == fingerprint
+    if same and latest_checkpoint(out) is not None:
+        return True
+    if not same and (out / "latest.json").exists():
+        log.info("%s holds another run's checkpoints; starting this run afresh", out)
+        (out / "latest.json").unlink()
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    io.write_json(stamp, {"fingerprint": fingerprint})
+    return False
+
+
 def run_stage(
     preset: Preset,
     model: LlavaLite,
@@ -143,16 +183,23 @@ def run_stage(
     stage: int,
     samples: list[dict],
     out: Path,
-    resume: bool = False,
+    resume: bool | None = None,
     progress: bool = True,
     accelerator=None,
     **overrides,
 ) -> dict:
-    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
+    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``). ``resume``
+    ``None`` (the default): go on from the run folder's last checkpoint when it holds this same run
+    (same settings, samples and starting model), else start afresh; ``True`` / ``False`` force it."""
     cfg = replace(preset.stage1 if stage == 1 else preset.stage2, **overrides)
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
     log.info("stage %d: %s", stage, dict(stats))
     collate = Collator(tokenizer.pad_token_id, features=feats)
+    if resume is None:
+        is_main = accelerator is None or accelerator.is_main_process
+        resume = (
+            should_resume(out, run_fingerprint(cfg, model, samples)) if is_main else latest_checkpoint(out) is not None
+        )
     summary = train(model, examples, collate, cfg, out, resume=resume, progress=progress, accelerator=accelerator)
     summary["examples"] = dict(stats)
     return summary

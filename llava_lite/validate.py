@@ -3,7 +3,8 @@
 ``llava-lite validate FILE [--images DIR]`` reads a JSON list of samples (LLaVA's files) or JSON
 Lines (one sample a line, what the teachers append to) and checks every sample:
 
-* ``id`` present (a string or a number) and unique in the file;
+* ``id`` present (a string or a number) and unique in the file, except that LLaVA's released
+  instruction files give the samples of one image that image's id (allowed: same id, same image);
 * ``conversations`` a non-empty list of ``{"from", "value"}`` turns;
 * roles alternate ``human`` / ``gpt``, the first is ``human``, the last ``gpt``;
 * every ``value`` a non-empty string;
@@ -171,15 +172,17 @@ def validate_file(path: str | Path, images: str | Path | None = None) -> Report:
         raise FileNotFoundError(f"{images}: no such image folder")
     samples, problems = load_samples(path)
     report = Report(path, samples=len(samples), problems=problems)
-    first_seen: dict[Any, str] = {}
+    first_seen: dict[Any, tuple[str, Any]] = {}
     for where, sample in samples:
         sid = sample.get("id") if isinstance(sample, dict) else None
         key = sid if isinstance(sid, (str, int)) else None
         if key is not None:
-            if key in first_seen:
-                report.problems.append(Problem(where, sid, None, "duplicate-id", f"id also used by {first_seen[key]}"))
-            else:
-                first_seen[key] = where
+            image = sample.get("image")
+            if key not in first_seen:
+                first_seen[key] = (where, image)
+            elif image is None or first_seen[key][1] != image:
+                first = first_seen[key][0]
+                report.problems.append(Problem(where, sid, None, "duplicate-id", f"id also used by {first}"))
         for turn, rule, message in check_sample(sample, images):
             report.problems.append(Problem(where, sid, turn, rule, message))
     return report

@@ -115,8 +115,9 @@ def test_image_must_be_a_file_name_and_exist_when_an_image_folder_is_given(tmp_p
 def test_ids_must_be_present_and_unique_and_duplicates_name_the_first_use(tmp_path):
     assert rules(good(sid=None)) == [(None, "id")]
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([good("a"), good("b"), good("a")]))
+    path.write_text(json.dumps([good("a"), good("b"), good("a", image="other.jpg"), good("b")]))
     report = validate_file(path)
+    # the same id for the same image is how LLaVA's instruction files key an image's samples
     assert [(p.where, p.rule) for p in report.problems] == [("sample 2", "duplicate-id")]
     assert "sample 0" in report.problems[0].message
 
