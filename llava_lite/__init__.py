@@ -27,7 +27,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       scienceqa                          ScienceQA's format, the world's multiple-choice set, its training and accuracy
       ablate                             the paper's ablations in miniature: rows retrained over seeds, one table
       chat                               a conversation about one picture: the session, the terminal, the widget
-      export                             a checkpoint as a Hugging Face Llava folder, checked against ours
+      export                             a checkpoint as a Hugging Face Llava folder, checked against ours, served
     viz, figures, tutorial               notebook pictures and tables · the course's SVG figures · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)
