@@ -4,6 +4,7 @@ towers, and a corrupt image names itself without leaving a partial shard."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,15 @@ def test_a_redrawn_world_with_the_same_ids_is_recomputed_not_reused(tmp_path):
         [root_b / "train" / r.file_name for r in split_images(root_b / "annotations" / "instances_train.json")]
     )
     torch.testing.assert_close(FeatureReader(out).get_many(list(range(1, 7))).float(), fresh, atol=2e-3, rtol=2e-3)
+
+
+def test_a_finished_cache_is_checked_by_a_stat_of_each_image_not_a_read(split, tmp_path, monkeypatch):
+    inst, images = split
+    t = VisionTower.from_config(TINY_CFG)
+    out = cache_folder(tmp_path, t, "train")
+    extract(t, inst, images, out, batch_size=4, shard_size=4, progress=False)
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: (reads.append(p.name), real(p))[1])
+    extract(t, inst, images, out, batch_size=4, shard_size=4, progress=False)
+    assert [r for r in reads if r.endswith(".png")] == []  # old: every image of the split read and hashed again
