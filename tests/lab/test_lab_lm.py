@@ -129,9 +129,10 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
     pretrain_lm(train, val, tmp_path / "straight", arch, docs, training, runtime, tokenizer=tok, progress=False)
 
     def crash(step, metrics):
-        raise _Crash(step)
+        if step == 12:
+            raise _Crash(step)
 
-    with pytest.raises(_Crash):  # dies at step 6, just after writing its checkpoint
+    with pytest.raises(_Crash):  # dies at the last step's eval; its checkpoint of step 6 stays
         pretrain_lm(
             train,
             val,
@@ -186,9 +187,10 @@ def test_a_resumed_run_reloads_the_tokenizer_it_saved(small_tokenizer, tmp_path)
     )
 
     def crash(step, metrics):
-        raise _Crash(step)
+        if step == 4:
+            raise _Crash(step)
 
-    with pytest.raises(_Crash):  # trains its tokenizer, then stops at step 2 with a checkpoint
+    with pytest.raises(_Crash):  # trains its tokenizer, then stops at step 4 with a checkpoint of step 2
         pretrain_lm(
             contexts[:40],
             contexts[40:42],
