@@ -1,10 +1,6 @@
 """The small long jobs the kill tests run to the end, interrupted or not (tests/kill_worker.py
 runs them in a child process that is killed; the tests run them whole for the reference)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from llava_lite import conversation as conv
@@ -43,25 +39,3 @@ def lm_job(out):
     runtime = LMRuntime(eval_every=4, eval_scenes=2, checkpoint_every=2, threads=1)
     pretrain_lm(contexts[:66], contexts[66:], Path(out), arch, LMDocuments(qa_per_doc=3), training, runtime,
                 progress=False)  # fmt: skip
-
-
-def kill_and_resume(job: str, args: dict, kills: list[dict], tmp_path: Path) -> list[int]:
-    """Run ``job`` in a child once per moment of ``kills``, each killed there (SIGKILL), each run
-    going on from what the last left; returns the children's exit codes (-9 when killed)."""
-    here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
-    codes = []
-    for i, kill in enumerate(kills):
-        spec = tmp_path / f"kill-{i}.json"
-        spec.write_text(json.dumps({**args, "kill": kill}))
-        proc = subprocess.run([sys.executable, str(here / "kill_worker.py"), job, str(spec)], env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert proc.returncode in (-9, 0), proc.stderr[-3000:]
-        codes.append(proc.returncode)
-        spec.unlink()
-    return codes
-
-
-def temp_files(root: Path) -> list[Path]:
-    """Every temporary file or folder a writer left under ``root``."""
-    return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,11 +37,14 @@ def arm(call: str, n: int, half: bool = False) -> None:
             return real(*args, **kw)
         if not half:
             _die()
-        if name == "append":  # jsonl.append(f, record): half a line, pushed to the file
+        if name == "append":  # jsonl.append(f, record): half a line, cut inside a multibyte character if it has one
             f, record = args
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            f.write(line[: len(line) // 2])
+            data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+            leads = [i for i, b in enumerate(data) if b >= 0xC0]
+            cut = leads[len(leads) // 2] + 1 if leads else len(data) // 2
             f.flush()
+            f.buffer.write(data[:cut])
+            f.buffer.flush()
             _die()
         out = real(*args, **kw)
         target = next(Path(a) for a in list(args) + list(kw.values()) if isinstance(a, (str, Path)))
@@ -51,6 +55,18 @@ def arm(call: str, n: int, half: bool = False) -> None:
         return out
 
     setattr(owner, name, wrapped)
+
+
+def chat_contexts(n: int):
+    """The chat teacher's test contexts with French object names (every reply has multibyte characters)."""
+    from llava_lite.facts import Obj  # noqa: PLC0415
+
+    from test_chat_teacher import make_contexts  # noqa: PLC0415  (the chat tests' contexts, only for this job)
+
+    contexts = make_contexts(n)
+    for c in contexts:
+        c.objects = [Obj(o.name.replace("e", "é"), o.box) for o in c.objects]
+    return contexts
 
 
 def main(job: str, args: dict) -> None:
@@ -70,16 +86,12 @@ def main(job: str, args: dict) -> None:
         from llava_lite.config import TeacherConfig
         from llava_lite.teachers import chat
 
-        from test_chat_teacher import make_contexts
-
-        chat.generate(make_contexts(args["contexts"]), args["out"], TeacherConfig(**args["teacher"]), progress=False)
+        chat.generate(chat_contexts(args["contexts"]), args["out"], TeacherConfig(**args["teacher"]), progress=False)
     elif job == "features":
         from llava_lite.features import extract
         from llava_lite.vision import VisionTower
 
-        from test_features import TINY_CFG
-
-        tower = VisionTower.from_config(TINY_CFG)
+        tower = VisionTower.from_config(args["tower"])
         extract(tower, args["instances"], args["images"], args["out"], batch_size=2, shard_size=3, progress=False)
     elif job == "train":
         from kill_jobs import train_job
@@ -91,6 +103,28 @@ def main(job: str, args: dict) -> None:
         lm_job(args["out"])
     else:
         raise SystemExit(f"unknown job {job}")
+
+
+def kill_and_resume(job: str, args: dict, kills: list[dict], tmp_path: Path) -> list[int]:
+    """Run ``job`` in a child once per moment of ``kills``, each killed there (SIGKILL), each run
+    going on from what the last left; returns the children's exit codes (-9 when killed)."""
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    codes = []
+    for i, kill in enumerate(kills):
+        spec = tmp_path / f"kill-{i}.json"
+        spec.write_text(json.dumps({**args, "kill": kill}))
+        proc = subprocess.run([sys.executable, str(Path(__file__)), job, str(spec)], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode in (-9, 0), proc.stderr[-3000:]
+        codes.append(proc.returncode)
+        spec.unlink()
+    return codes
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Every temporary file or folder a writer left under ``root``."""
+    return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
 
 
 if __name__ == "__main__":

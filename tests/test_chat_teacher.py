@@ -1,9 +1,11 @@
 """The chat teacher against a real HTTP server of our own that fails on purpose
 (llava_lite/teachers/testing_server.py), plus its prompt files and reply parser."""
 
+import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -25,6 +27,8 @@ from llava_lite.teachers.prompts import RESPONSE_TYPES, load_prompts
 from llava_lite.teachers.replies import MalformedReply, parse_reply
 from llava_lite.teachers.testing_server import MALFORMED_DETAIL, MALFORMED_REPLY, FaultyChatServer
 from llava_lite.validate import validate_file
+
+import kill_worker
 
 KEY_ENV = "LLAVA_LITE_TEST_CHAT_KEY"
 KEY = "sk-test-5f1e9c0d2b7a4e68"
@@ -443,3 +447,24 @@ def test_ctrl_c_stops_at_once_keeps_every_reply_received_and_the_rerun_asks_only
         assert sorted(unit_of(k) for k in server.keys_asked()[n:]) == [(c.image_id, "detail") for c in contexts]
     ids = read_ids(out)
     assert len(ids) == len(set(ids)) == 12
+
+
+def test_runs_killed_mid_record_and_between_records_end_with_an_unbroken_runs_samples(tmp_path):
+    rng = random.Random(3)
+    with FaultyChatServer(latency_s=0.01) as server:
+        cfg = teacher(server, chat_concurrency=2)
+        chat.generate(kill_worker.chat_contexts(6), tmp_path / "straight.jsonl", cfg, progress=False)
+        kills = [
+            {"call": "llava_lite.jsonl:append", "n": rng.randint(2, 6), "half": True},  # torn inside an "é"
+            {"call": "llava_lite.jsonl:append", "n": rng.randint(2, 6)},  # between two lines
+            {"call": "llava_lite.jsonl:append", "n": 1, "half": True},
+        ]
+        out = tmp_path / "chat.jsonl"
+        args = {"contexts": 6, "out": str(out), "teacher": dataclasses.asdict(cfg)}
+        assert kill_worker.kill_and_resume("chat", args, kills, tmp_path) == [-9, -9, -9]
+        chat.generate(kill_worker.chat_contexts(6), out, cfg, progress=False)
+    ids = read_ids(out)
+    assert len(ids) == len(set(ids)) == 18
+    by_id = lambda path: sorted((r for _, r in jsonl.read_jsonl(path)), key=lambda r: r["id"])  # noqa: E731
+    assert by_id(out) == by_id(tmp_path / "straight.jsonl")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

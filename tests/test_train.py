@@ -22,6 +22,7 @@ from llava_lite.model import apply_lora
 from llava_lite.train import TrainConfig, TrainingDiverged, latest_checkpoint, lr_factor, train
 
 import kill_jobs
+import kill_worker
 from llava_fixtures import NUM_IMAGE_TOKENS, fake_features, tiny_llava
 
 
@@ -408,16 +409,16 @@ def test_a_run_killed_mid_step_then_mid_checkpoint_ends_with_the_weights_of_an_u
     write = "llava_lite.train:torch.save" if stage == 1 else "llava_lite.train:save_file"
     kills = [{"call": "llava_lite.train:_accumulate", "n": rng.randint(3, 6)}, {"call": write, "n": 1, "half": True}]
     out = tmp_path / "run"
-    assert kill_jobs.kill_and_resume("train", {"stage": stage, "out": str(out), "resume": True}, kills, tmp_path) == [
+    assert kill_worker.kill_and_resume("train", {"stage": stage, "out": str(out), "resume": True}, kills, tmp_path) == [
         -9,
         -9,
     ]
-    assert kill_jobs.temp_files(out)  # the second child did die inside a checkpoint's temporary folder
+    assert kill_worker.temp_files(out)  # the second child did die inside a checkpoint's temporary folder
     resumed = kill_jobs.train_job(stage, out, resume=True)
     _same_weights(straight, resumed)
     logged = T.read_metrics(out)
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in logged] == [m["loss"] for m in T.read_metrics(tmp_path / "straight")]
-    assert kill_jobs.temp_files(out) == []
+    assert kill_worker.temp_files(out) == []
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert latest_checkpoint(out).name == "checkpoint-6"
