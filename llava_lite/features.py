@@ -126,6 +126,7 @@ def extract(
     """
     records = split_images(instances_json)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    io.remove_stale_temps_in(out_dir)  # a killed run's half-written shard
     shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
     todo = [
         k
