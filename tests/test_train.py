@@ -203,6 +203,7 @@ def test_a_new_run_in_a_folder_with_an_older_runs_later_checkpoints_keeps_its_ow
     ]  # its newest two, and the older run's
 
 
+@pytest.mark.slow
 def test_resume_after_a_new_run_stopped_before_its_first_checkpoint_never_loads_the_older_run(
     tok, samples, tmp_path, monkeypatch
 ):
