@@ -274,7 +274,11 @@ def _resume(out_dir: Path, model: LlavaLite, optimizer, settings: dict) -> tuple
         log.info("%s: run %s stopped before its first checkpoint; starting it from step 0", out_dir, run)
         return 0, run, None
     state = torch.load(ckpt / "train_state.pt", weights_only=False, map_location="cpu")
-    differ = _differences(state.get("settings") or {}, settings)
+    if not state.get("settings"):
+        raise ValueError(
+            f"{ckpt}: written without its run's settings (an older version); start a new run without resume"
+        )
+    differ = _differences(state["settings"], settings)
     if differ:
         raise ValueError(
             f"{ckpt}: made with other settings ({'; '.join(differ)}); resume with the same settings, "

@@ -423,3 +423,13 @@ def test_a_run_killed_mid_step_then_mid_checkpoint_ends_with_the_weights_of_an_u
     assert kill_worker.temp_files(out) == []
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert latest_checkpoint(out).name == "checkpoint-6"
+
+
+def test_a_checkpoint_without_its_settings_is_not_resumed_but_says_so(tok, samples, tmp_path):
+    _train(tok, samples, tmp_path, _cfg(max_steps=2))
+    state_file = latest_checkpoint(tmp_path) / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["settings"]  # as an older version wrote it
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=r"checkpoint-2: written without its run's settings \(an older version\)"):
+        _train(tok, samples, tmp_path, _cfg(max_steps=2), resume=True)
