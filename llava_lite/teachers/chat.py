@@ -256,7 +256,7 @@ def _next_result(results: queue.SimpleQueue, workers: list[threading.Thread]):
                 return None
 
 
-def _endpoint(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
+def endpoint_for(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
     """The endpoint a teacher config names, with its retry, timeout and concurrency settings."""
     return ChatEndpoint(
         teacher.base_url,
@@ -297,7 +297,7 @@ def generate(
         raise ValueError(f"chat teacher: image ids occur more than once among the contexts: {dupes[:5]}")
 
     stop = threading.Event()
-    endpoint = _endpoint(teacher, stop)
+    endpoint = endpoint_for(teacher, stop)
     job = _Job(endpoint, prompts, teacher, image_prefix)
     todo, stats = _todo([(ctx, t) for ctx in contexts for t in types], job, out_path, failures_path, retry_failed)
     fatal: BaseException | None = None
