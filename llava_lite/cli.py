@@ -35,7 +35,7 @@ from . import (
     validate,
     world,
 )
-from .config import ScienceQAConfig, TeacherConfig, get_preset
+from .config import PRESETS, ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
 from .lab.config import (
@@ -575,7 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) is not None and args.preset not in PRESETS:  # before any work is done
+        parser.error(f"unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
     args.argv = argv  # the command line as given, for results files that say what made them
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -585,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: a long job has kept what it finished
+        log.error("interrupted%s", f": {e}" if str(e) else "")
+        return 130
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class LlavaConfig:
     lm_dim: int
     projector_type: str = "mlp2x_gelu"
     image_token_id: int = -1
+    lm_fingerprint: str = ""  # a digest of the base language model's weights ("" when not known)
 
     def save(self, folder: Path) -> None:
         io.write_json(Path(folder) / "llava_config.json", asdict(self), indent=2)
@@ -105,9 +106,22 @@ class LlavaConfig:
         return cls(**json.loads(path.read_text()))
 
     def check_compatible(self, other: LlavaConfig, what: str) -> None:
-        """A clear error when a checkpoint belongs to another encoder, LM or projector."""
-        for name in ("vision_key", "vision_dim", "num_image_tokens", "lm_dim", "projector_type"):
+        """A clear error when a checkpoint (``self``) belongs to another encoder, LM or projector than
+        the model it is loaded into (``other``): the checkpoint's value first, then the model's. Two
+        language models of the same width are told apart by name, ``<image>`` id and weights."""
+        names = (
+            "vision_key",
+            "vision_dim",
+            "num_image_tokens",
+            "lm_name",
+            "lm_dim",
+            "image_token_id",
+            "projector_type",
+        )
+        for name in names + ("lm_fingerprint",):
             a, b = getattr(self, name), getattr(other, name)
+            if name == "lm_fingerprint" and not (a and b):
+                continue  # written before weights were fingerprinted
             if a != b:
                 raise ValueError(f"{what} was made for {name}={a!r}, but this model has {name}={b!r}")
 
@@ -131,7 +145,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # steps between checkpoints (0: only at the end). Measured on the tiny preset: a stage-2
+    # checkpoint (0.94M weights + AdamW state) saves in ~0.2 s against ~0.24 s a step, so 250 costs
+    # under 0.4% of the run (stage 1: 0.08 s); larger presets have slower steps in proportion
+    save_every: int = 250
     keep_checkpoints: int = 2
 
 

@@ -100,6 +100,17 @@ def load_vision(cfg: VisionConfig) -> VisionTower:
     return VisionTower.load(cfg.encoder, cfg.pretrained, layer=cfg.layer, keep_cls=cfg.keep_cls)
 
 
+def lm_fingerprint(lm) -> str:
+    """A digest of a language model's weights, cheap at any size: the shape of its input
+    embeddings and 4096 of their values taken at a fixed stride, in bf16 (the same model loaded in
+    fp32, bf16 or under a 4-bit base agrees; embeddings are never quantised). A checkpoint made
+    over another language model of the same width carries another digest."""
+    w = lm.get_input_embeddings().weight.detach()
+    flat = w.flatten()
+    sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).float()
+    return hashlib.sha1(f"{tuple(w.shape)}".encode() + sample.numpy().tobytes()).hexdigest()[:16]
+
+
 def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, seed: int | None = None) -> LlavaLite:
     """A fresh LLaVA over ``lm`` and ``tower``'s features; its untrained projector is drawn from
     ``seed`` (default: the stage-1 seed), so the same preset always starts from the same weights."""
@@ -112,6 +123,7 @@ def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, 
         lm_dim=lm.config.hidden_size,
         projector_type=preset.model.projector_type,
         image_token_id=image_id,
+        lm_fingerprint=lm_fingerprint(lm),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.stage1.seed if seed is None else seed)

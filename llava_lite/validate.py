@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import io
 from .teachers.replies import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def load_samples(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]
     """(where, sample) pairs and the lines that are not JSON (JSON Lines only: a JSON list that
     does not parse raises, naming the line and column)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = io.read_text(path)
     if path.suffix != ".jsonl":
         try:
             doc = json.loads(text)

@@ -57,7 +57,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _upright(img, path)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses images this large outright
+        raise ImageReadError(
+            f"{path}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if the file is trusted"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 

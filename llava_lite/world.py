@@ -389,8 +389,9 @@ def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[
         image_dir = root / split
         image_dir.mkdir(parents=True, exist_ok=True)
         for scene in tqdm(scenes, desc=f"world {split}", disable=not progress, unit="scene"):
-            with io.atomic_path(image_dir / scene.file_name) as tmp:
+            with io.atomic_path(image_dir / scene.file_name, durable=False) as tmp:
                 render(scene).save(tmp, format="PNG")
+        io.flush_all()  # every image on disk before the annotations and the stamp say the split is there
         instances, caps = coco_files(scenes, cfg, split)
         io.write_json(root / "annotations" / f"instances_{split}.json", instances)
         io.write_json(root / "annotations" / f"captions_{split}.json", caps)

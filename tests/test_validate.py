@@ -165,3 +165,14 @@ def test_max_problems_shows_the_first_problems_then_how_many_more_and_the_summar
         "... 2 more problems not shown",
         f"{path}: 3 samples, 3 problems in 3 samples (value: 3)",
     ]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_file_with_a_byte_order_mark_passes_and_one_not_in_utf8_names_the_file_and_line(tmp_path, suffix):
+    text = json.dumps([good()]) if suffix == ".json" else json.dumps(good()) + "\n"
+    (tmp_path / f"bom{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert validate_file(tmp_path / f"bom{suffix}").ok
+    latin = text.replace("colour", "colour\u00e9").encode("latin-1")
+    (tmp_path / f"latin{suffix}").write_bytes(latin)
+    with pytest.raises(ValueError, match=rf"latin{suffix}: not UTF-8 text \(byte 0xe9 at offset \d+, line 1\)"):
+        validate_file(tmp_path / f"latin{suffix}")
