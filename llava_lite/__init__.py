@@ -4,12 +4,15 @@ The notebooks under ``notebooks/`` explain; this package does the work, one conc
 a module. Dependencies run down this map; the lab is used by nothing above it but ``cli``::
 
     config, paths, io, jsonl, envcheck   settings and presets · where files live · atomic writes · JSONL logs
+    hub                                  hub models from the cache or the hub, HF_HUB_OFFLINE, a clear error
     §3 data generation
       world, facts                       the shapes world in COCO format · facts captions and teachers state
       coco                               COCO captions + instances -> symbolic contexts
+      coco_download                      COCO 2017 fetched (resumed, checked) into the world's layout
       scene_text                         a context written as text for a reader that cannot see
       teachers/                          symbolic teacher, chat endpoint, prompts as files, multiple-choice questions
       validate                           LLaVA-format checks
+      released                           LLaVA's released JSON (LLaVA-Pretrain, LLaVA-Instruct-150K) as a split
     §4 vision, labels, model
       vision, features                   the frozen CLIP tower and its one image route · the feature cache
       probes, retrieval                  what the tower's features hold · image-text retrieval of a CLIP
@@ -24,7 +27,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       scienceqa                          ScienceQA's format, the world's multiple-choice set, its training and accuracy
       ablate                             the paper's ablations in miniature: rows retrained over seeds, one table
       chat                               a conversation about one picture: the session, the terminal, the widget
-      export                             a checkpoint as a Hugging Face Llava folder, checked against ours
+      export                             a checkpoint as a Hugging Face Llava folder, checked against ours, served
     viz, figures, tutorial               notebook pictures and tables · the course's SVG figures · run them headless
     cli                                  every ``llava-lite`` sub-command, declared in one place
     lab/                                 how the shipped tiny LM and tiny CLIP were made (rarely opened)

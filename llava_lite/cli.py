@@ -19,8 +19,23 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import ablate, chat, export, features, io, jsonl, judge, scienceqa, stages, tutorial, validate, world
-from .config import ScienceQAConfig, TeacherConfig, get_preset
+from . import (
+    ablate,
+    chat,
+    coco_download,
+    export,
+    features,
+    io,
+    jsonl,
+    judge,
+    released,
+    scienceqa,
+    stages,
+    tutorial,
+    validate,
+    world,
+)
+from .config import PRESETS, ScienceQAConfig, TeacherConfig, get_preset
 from .lab import clip as lab_clip
 from .lab import lm as lab_lm
 from .lab.config import (
@@ -75,6 +90,17 @@ def command_line(args: argparse.Namespace, *configs) -> str:
     )
 
 
+def split_sizes(items: list[str]) -> dict[str, int]:
+    """``["train=1000", "test=100"]`` -> ``{"train": 1000, "test": 100}`` (the ``--split`` flags)."""
+    sizes = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            raise ValueError(f"--split {item!r}: expected NAME=N, e.g. train=1000")
+        sizes[name] = int(n)
+    return sizes
+
+
 # ------------------------------------------------------------------ the commands
 def _world(sub) -> None:
     p = sub.add_parser("world", help="generate the shapes world as COCO-format files")
@@ -93,16 +119,32 @@ def _world(sub) -> None:
         cfg = get_preset(args.preset).world
         cfg.seed = cfg.seed if args.seed is None else args.seed
         cfg.image_size = args.image_size or cfg.image_size
-        if args.split:
-            cfg.splits = {}
-            for item in args.split:
-                name, _, n = item.partition("=")
-                if not n.isdigit():
-                    raise ValueError(f"--split {item!r}: expected NAME=N, e.g. train=1000")
-                cfg.splits[name] = int(n)
+        cfg.splits = split_sizes(args.split) if args.split else cfg.splits
         out = args.out or Layout.for_preset(args.preset).world
         counts = world.generate(cfg, out)
         log.info("wrote %s to %s", ", ".join(f"{n} {s}" for s, n in counts.items()), out)
+
+    p.set_defaults(func=run)
+
+
+def _coco(sub) -> None:
+    p = sub.add_parser("coco", help="download COCO 2017 annotations and a chosen number of images (colab/full presets)")
+    p.add_argument("--preset", default="colab")
+    p.add_argument("--out", help="folder to write (default: outputs/<preset>/world)")
+    p.add_argument("--split", action="append", metavar="NAME=N", help="images per split, e.g. --split train=2000")
+    p.add_argument("--seed", type=int, help="which images are drawn (default: the preset's)")
+    p.add_argument("--url", help="the server of the release (default: images.cocodataset.org)")
+    p.add_argument("--md5", help="the annotations archive's MD5 (default: the 2017 release's)")
+
+    def run(args):
+        cfg = get_preset(args.preset).world
+        cfg.source = "coco"
+        cfg.splits = split_sizes(args.split) if args.split else cfg.splits
+        cfg.seed = cfg.seed if args.seed is None else args.seed
+        cfg.coco_url, cfg.coco_annotations_md5 = args.url or cfg.coco_url, args.md5 or cfg.coco_annotations_md5
+        out = args.out or Layout.for_preset(args.preset).world
+        counts = coco_download.fetch(cfg, out)
+        log.info("COCO: %s in %s", ", ".join(f"{n} {s}" for s, n in counts.items()), out)
 
     p.set_defaults(func=run)
 
@@ -147,6 +189,23 @@ def _validate(sub) -> None:
     p.add_argument("--images", type=Path, help="image folder: check that every sample's image exists")
     p.add_argument("--max-problems", type=int, default=0, help="report at most this many problems (0: all)")
     p.set_defaults(func=lambda args: validate.report_file(args.file, args.images, args.max_problems))
+
+
+def _released(sub) -> None:
+    p = sub.add_parser("released", help="use LLaVA's released JSON (LLaVA-Pretrain, LLaVA-Instruct-150K) as a split")
+    p.add_argument("file", type=Path, help="e.g. blip_laion_cc_sbu_558k.json or llava_instruct_150k.json")
+    p.add_argument("--images", type=Path, required=True, help="the image folder the file's 'image' paths start from")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption data; 2: instruction data")
+    p.add_argument("--preset", default="colab")
+    p.add_argument("--split", default="train")
+
+    def run(args):
+        counts = released.import_split(args.file, args.images, Layout.for_preset(args.preset), args.split, args.stage)
+        log.info(
+            "%s: %s; next: llava-lite features --preset %s --split %s", args.split, counts, args.preset, args.split
+        )
+
+    p.set_defaults(func=run)
 
 
 def _backbones(sub) -> None:
@@ -488,8 +547,10 @@ def _tutorial(sub) -> None:
 
 COMMANDS = (
     _world,
+    _coco,
     _instruct,
     _validate,
+    _released,
     _backbones,
     _features,
     _train,
@@ -514,7 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) is not None and args.preset not in PRESETS:  # before any work is done
+        parser.error(f"unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
     args.argv = argv  # the command line as given, for results files that say what made them
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -524,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: a long job has kept what it finished
+        log.error("interrupted%s", f": {e}" if str(e) else "")
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Works on the shapes world's files and on real COCO 2014/2017 alike. A context re
     blue square: [0.594, 0.281, 0.844, 0.531]
 
 with boxes ``[x1, y1, x2, y2]`` normalised to 0..1 and written with 3 decimals. A malformed
-file raises :class:`CocoFormatError` naming the file and the record; nothing is dropped.
+file raises :class:`CocoFormatError` naming the file and the record; nothing is dropped but
+crowd regions (``iscrowd: 1``): one box over many people is not one object, and a teacher that
+counted it as one would state a wrong count.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SymbolicContext:
     height: int
     captions: list[str]
     objects: list[Obj] = field(default_factory=list)
+    crowds: int = 0  # crowd regions of the image, left out of ``objects``
 
     def text(self) -> str:
         """The context in LLaVA's form: captions, a blank line, one ``name: [box]`` line per object."""
@@ -109,6 +112,9 @@ def load_contexts(instances: str | Path, captions: str | Path) -> list[SymbolicC
             raise CocoFormatError(f"{where}: bbox {box} lies outside image {ctx.image_id} ({ctx.width}x{ctx.height})")
         W, H = ctx.width, ctx.height
         norm = (max(0.0, x / W), max(0.0, y / H), min(1.0, (x + w) / W), min(1.0, (y + h) / H))
+        if rec.get("iscrowd", 0) == 1:
+            ctx.crowds += 1
+            continue
         ctx.objects.append(Obj(categories[rec["category_id"]], norm))
 
     empty = [c for c in images.values() if not c.captions]

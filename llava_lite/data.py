@@ -113,6 +113,17 @@ class Collator:
     ):
         self.pad_id, self.features, self.pixels, self.side = pad_id, features, pixels, padding_side
 
+    def check_vision_key(self, vision_key: str) -> None:
+        """Refuse a feature cache made by another vision tower than the model's (a reader that
+        says which tower made it, :class:`llava_lite.features.FeatureReader`, is checked)."""
+        made_by = getattr(self.features, "cache_key", None)
+        if made_by is not None and made_by != vision_key:
+            where = getattr(self.features, "folder", "the feature cache")
+            raise ValueError(
+                f"{where}: features of vision tower {made_by!r}, but the model was built for {vision_key!r}; "
+                "extract this split's features with the model's tower"
+            )
+
     def __call__(self, examples: Sequence[Example]) -> dict:
         T = max(len(e.enc) for e in examples)
         B = len(examples)

@@ -14,7 +14,9 @@ What becomes what::
     tower.preprocess             -> LlavaImageProcessor: pad to square with the mean colour,
                                     bicubic resize to the input size, CLIP mean/std
 
-:func:`compare` runs our model and the export side by side on one image and question.
+:func:`compare` runs our model and the export side by side on one image and question;
+:func:`name_map` says which of our tensors became which of theirs; :func:`serve` runs the folder
+behind ``transformers serve`` and :func:`ask_served` asks it about a picture, as any client would.
 
 The processor's pixels equal ours for square images at the tower's input size (the shapes
 world's). Padding and resizing differ a little in transformers 5.x: it pads with ``int(mean*255)``
@@ -25,13 +27,25 @@ downscale, 5-6/255 beyond 6x.
 
 from __future__ import annotations
 
+import base64
 import copy
+import io as stdio
 import logging
+import os
+import re
 import shutil
+import socket
 import string
+import subprocess
+import sys
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 from PIL import Image
 from transformers import (
@@ -51,12 +65,33 @@ from .generate import evaluating, question_prompt, stop_id
 from .model import LlavaLite, merge_lora
 from .paths import Layout
 from .stages import STAGE_TYPES, load_stage, load_vision, run_dir
+from .teachers.endpoint import ChatEndpoint, Completion
 from .train import latest_checkpoint
 from .vision import VisionTower, load_image
 
 log = logging.getLogger(__name__)
 CARD_TEMPLATE = Path(__file__).with_name("export_card.md")
 ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu"}
+# where each part of ours sits inside LlavaForConditionalGeneration (to_hf loads it there)
+HF_PARTS = {
+    "vision": "model.vision_tower",
+    "projector": "model.multi_modal_projector",
+    "language": "model.language_model",
+    "head": "lm_head",
+}
+# what each file of an export holds
+FILES = {
+    "config.json": "the architecture: CLIP vision config, language-model config, image token id, projector "
+    "activation, feature layer and CLS choice, image tokens per picture",
+    "model.safetensors": "every weight: vision tower, projector, language model (LoRA merged)",
+    "generation_config.json": "greedy decoding that stops at the template's end-of-turn token",
+    "processor_config.json": "the image preprocessing (pad to square, resize, mean/std) and how many slots "
+    "<image> grows to",
+    "tokenizer.json": "the tokenizer, <image> included",
+    "tokenizer_config.json": "the tokenizer's class and special tokens",
+    "chat_template.jinja": "the chat template: content lists flattened, then our stage-2 template",
+    "README.md": "the model card: preset, data, training, measured scores",
+}
 
 # content lists (what apply_chat_template and servers send) -> one string per message, its parts
 # joined by newlines, an image as <image>: "<image>\nQ" or "Q\n<image>" as in our samples; the
@@ -132,34 +167,39 @@ def clip_vision_config(tower: VisionTower) -> CLIPVisionConfig:
     )
 
 
+def clip_vision_names(tower: VisionTower) -> dict[str, tuple[str, int | None]]:
+    """CLIPVisionModel's parameter names -> ``(open_clip name under visual, part)``; ``part`` is
+    which third (q, k, v) of a block's fused ``in_proj`` it is, None for a tensor taken whole."""
+    names = {
+        "embeddings.class_embedding": ("class_embedding", None),
+        "embeddings.patch_embedding.weight": ("conv1.weight", None),
+        "embeddings.position_embedding.weight": ("positional_embedding", None),
+        "pre_layrnorm.weight": ("ln_pre.weight", None),
+        "pre_layrnorm.bias": ("ln_pre.bias", None),
+        "post_layernorm.weight": ("ln_post.weight", None),
+        "post_layernorm.bias": ("ln_post.bias", None),
+    }
+    pairs = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+    for i in range(len(tower.visual.transformer.resblocks)):
+        p, o = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part, qkv in enumerate(("q_proj", "k_proj", "v_proj")):  # [3D, D] -> 3 x [D, D]
+            names[f"{p}self_attn.{qkv}.weight"] = (o + "attn.in_proj_weight", part)
+            names[f"{p}self_attn.{qkv}.bias"] = (o + "attn.in_proj_bias", part)
+        for theirs, ours in pairs.items():
+            for kind in ("weight", "bias"):
+                names[f"{p}{theirs}.{kind}"] = (f"{o}{ours}.{kind}", None)
+    return names
+
+
 def clip_vision_state(tower: VisionTower) -> dict[str, torch.Tensor]:
     """open_clip weights under CLIPVisionModel's names; each block's fused ``in_proj`` split in three."""
-    v = tower.visual
-    out = {
-        "embeddings.class_embedding": v.class_embedding,
-        "embeddings.patch_embedding.weight": v.conv1.weight,
-        "embeddings.position_embedding.weight": v.positional_embedding,
-        "pre_layrnorm.weight": v.ln_pre.weight,
-        "pre_layrnorm.bias": v.ln_pre.bias,
-        "post_layernorm.weight": v.ln_post.weight,
-        "post_layernorm.bias": v.ln_post.bias,
-    }
-    for i, b in enumerate(v.transformer.resblocks):
-        p = f"encoder.layers.{i}."
-        q, k, v_ = b.attn.in_proj_weight.chunk(3)  # [3D, D] -> 3 x [D, D]
-        qb, kb, vb = b.attn.in_proj_bias.chunk(3)
-        o = b.attn.out_proj
-        out |= {
-            p + "self_attn.q_proj.weight": q, p + "self_attn.q_proj.bias": qb,
-            p + "self_attn.k_proj.weight": k, p + "self_attn.k_proj.bias": kb,
-            p + "self_attn.v_proj.weight": v_, p + "self_attn.v_proj.bias": vb,
-            p + "self_attn.out_proj.weight": o.weight, p + "self_attn.out_proj.bias": o.bias,
-            p + "layer_norm1.weight": b.ln_1.weight, p + "layer_norm1.bias": b.ln_1.bias,
-            p + "layer_norm2.weight": b.ln_2.weight, p + "layer_norm2.bias": b.ln_2.bias,
-            p + "mlp.fc1.weight": b.mlp.c_fc.weight, p + "mlp.fc1.bias": b.mlp.c_fc.bias,
-            p + "mlp.fc2.weight": b.mlp.c_proj.weight, p + "mlp.fc2.bias": b.mlp.c_proj.bias,
-        }  # fmt: skip
-    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+    params = dict(tower.visual.named_parameters())
+    out = {}
+    for theirs, (ours, part) in clip_vision_names(tower).items():
+        t = params[ours] if part is None else params[ours].chunk(3)[part]
+        out[theirs] = t.detach().clone().contiguous()
+    return out
 
 
 def feature_choice(tower: VisionTower) -> tuple[int, str]:
@@ -251,10 +291,10 @@ def to_hf(model: LlavaLite, tokenizer, tower: VisionTower, template_name: str):
     config.architectures = ["LlavaForConditionalGeneration"]
     dtype = lm.get_input_embeddings().weight.dtype
     hf = LlavaForConditionalGeneration(config)
-    hf.model.vision_tower.load_state_dict(clip_vision_state(tower))
-    hf.model.multi_modal_projector.load_state_dict(proj)
-    hf.model.language_model.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
-    hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    hf.get_submodule(HF_PARTS["vision"]).load_state_dict(clip_vision_state(tower))
+    hf.get_submodule(HF_PARTS["projector"]).load_state_dict(proj)
+    hf.get_submodule(HF_PARTS["language"]).load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
+    hf.get_submodule(HF_PARTS["head"]).load_state_dict(lm.get_output_embeddings().state_dict())
     hf.to(dtype).eval()
     stop = stop_id(tokenizer)
     hf.generation_config = GenerationConfig(
@@ -276,6 +316,43 @@ def to_hf(model: LlavaLite, tokenizer, tower: VisionTower, template_name: str):
         num_additional_image_tokens=1,  # open_clip ViTs carry a CLS token
     )
     return hf, processor
+
+
+def name_map(model: LlavaLite, tower: VisionTower, collapse: bool = False) -> list[dict]:
+    """Each tensor of the export: ``{"part", "ours", "hf", "how"}``, our parameter name (the tower's
+    under ``visual.``) beside the name ``LlavaForConditionalGeneration`` gives it, and how it is made.
+    ``collapse``: one row per tensor kind, layer numbers written ``N``, with a ``tensors`` count."""
+    rows = []
+    for theirs, (ours, part) in clip_vision_names(tower).items():
+        how = "copied" if part is None else f"{'qkv'[part]} third of the fused in_proj"
+        rows.append(("vision tower", "visual." + ours, f"{HF_PARTS['vision']}.{theirs}", how))
+    for name in projector_state(model)[1]:
+        real = f"projector.{name}" in model.state_dict()
+        ours, how = (f"projector.{name}", "copied") if real else ("-", "identity: the paper's linear projector")
+        rows.append(("projector", ours, f"{HF_PARTS['projector']}.{name}", how))
+    lm, prefix = model.lm, "lm."
+    if hasattr(lm, "peft_config"):  # described as exported: adapters merged into the base weights
+        lm, prefix = lm.get_base_model(), "lm.base_model.model."
+    inner = getattr(lm, lm.base_model_prefix)
+    for name in inner.state_dict():
+        if "lora_" not in name:
+            how = "LoRA merged in" if ".base_layer." in name else "copied"
+            theirs = name.replace(".base_layer.", ".")
+            rows.append(
+                ("language model", f"{prefix}{lm.base_model_prefix}.{name}", f"{HF_PARTS['language']}.{theirs}", how)
+            )
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    rows.append(
+        ("head", f"{prefix}lm_head.weight", f"{HF_PARTS['head']}.weight", "tied to embed_tokens" if tied else "copied")
+    )
+    rows = [dict(zip(("part", "ours", "hf", "how"), r)) for r in rows]
+    if not collapse:
+        return rows
+    grouped: dict[tuple, dict] = {}
+    for r in rows:
+        short = {k: re.sub(r"\.\d+\.", ".N.", v) for k, v in r.items()}
+        grouped.setdefault(tuple(short.values()), short | {"tensors": 0})["tensors"] += 1
+    return list(grouped.values())
 
 
 # ------------------------------------------------------------------ the folder
@@ -460,3 +537,103 @@ def compare(
         "ours_text": text(new),
         "export_text": text(out),
     }
+
+
+def files(folder: str | Path) -> list[dict]:
+    """The export's files: name, size in KiB and what each holds (empty for a file we did not write)."""
+    return [
+        {"file": p.name, "KiB": round(p.stat().st_size / 1024, 1), "holds": FILES.get(p.name, "")}
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file()
+    ]
+
+
+# ------------------------------------------------------------------ served
+def serve_command() -> str | None:
+    """The ``transformers`` command beside this Python (or on PATH); None when it is not installed."""
+    exe = Path(sys.executable).with_name("transformers")
+    return str(exe) if exe.exists() else shutil.which("transformers")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(
+    folder: str | Path,
+    port: int | None = None,
+    *,
+    log_path: str | Path | None = None,
+    device: str = "cpu",
+    env: dict | None = None,
+    timeout_s: float = 120,
+) -> Iterator[str]:
+    """``transformers serve folder`` on 127.0.0.1 (a free port unless ``port``), offline; yields the
+    OpenAI-style base URL (``http://127.0.0.1:PORT/v1``) once ``/health`` answers, and stops the
+    server when the block ends. Its output goes to ``log_path`` (default: a temporary file), whose
+    tail is in the error when the server exits or does not come up in ``timeout_s``."""
+    exe = serve_command()
+    if exe is None:
+        raise FileNotFoundError("the `transformers` command is missing: pip install 'transformers[serving]'")
+    port = port or free_port()
+    log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="llava-lite-serve-")) / "serve.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    cmd = [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", device]
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd + ["--log-level", "info"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"transformers serve not up in {timeout_s} s: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:  # not listening yet
+                time.sleep(0.2)
+        log.info("serving %s at http://127.0.0.1:%d/v1 (log: %s)", folder, port, log_path)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def data_url(image: Image.Image | str | Path) -> str:
+    """A picture as a base64 PNG ``data:`` URL, the way an OpenAI-style request carries an image."""
+    image = image if isinstance(image, Image.Image) else load_image(image)
+    buf = stdio.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_messages(image: Image.Image | str | Path, question: str) -> list[dict]:
+    """One user turn of an OpenAI-style chat request: the picture as an ``image_url``, then the question."""
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def ask_served(
+    base_url: str,
+    model: str,
+    image: Image.Image | str | Path,
+    question: str,
+    max_tokens: int = 32,
+    temperature: float = 0.0,
+    timeout_s: float = 120,
+) -> Completion:
+    """Ask an OpenAI-compatible server (``transformers serve``, vLLM, ...) about a picture, with the
+    chat teacher's endpoint client: ``POST {base_url}/chat/completions``. ``model``: the name the
+    server knows (for ``transformers serve``, the export's folder). No API key is sent."""
+    with ChatEndpoint(
+        base_url, model, "", timeout_s=timeout_s, max_retries=0, temperature=temperature, max_tokens=max_tokens
+    ) as endpoint:
+        return endpoint.complete(image_messages(image, question))

@@ -14,7 +14,18 @@ from dataclasses import dataclass
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 SHAPES = ("circle", "square", "triangle")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "person": "people"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "person": "people",
+    "sheep": "sheep",
+    "mouse": "mice",
+    "knife": "knives",
+    "broccoli": "broccoli",
+}
+# names that are plural already (COCO's ``skis``, ``scissors``): one object is a pair of them
+PAIRS = ("skis", "scissors")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 # a relation is stated only when it is clear: the centres differ by at least this much
@@ -54,9 +65,10 @@ class Obj:
 
     @property
     def colour(self) -> str | None:
-        """The colour word a category name starts with (``red circle`` -> ``red``), if any."""
-        first = self.name.split()[0]
-        return first if first in COLOURS else None
+        """The colour of a shapes-world category (``red circle`` -> ``red``); ``None`` for any other
+        name, COCO's ``orange`` (the fruit) among them."""
+        words = self.name.split()
+        return words[0] if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES else None
 
     @property
     def kind(self) -> str:
@@ -76,6 +88,9 @@ def unique_by(objs: list[Obj], key=lambda o: o.name) -> list[Obj]:
 
 
 def plural(word: str) -> str:
+    """``circle`` -> ``circles``, ``wine glass`` -> ``wine glasses``, ``skis`` -> ``pairs of skis``."""
+    if word in PAIRS:
+        return f"pairs of {word}"
     if word in PLURALS:
         return PLURALS[word]
     if word.endswith(("s", "x", "ch", "sh")):
@@ -88,10 +103,15 @@ def plural(word: str) -> str:
 def count_phrase(n: int, word: str) -> str:
     """``2, circle`` -> ``two circles``; ``1, circle`` -> ``one circle``."""
     number = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
-    return f"{number} {word if n == 1 else plural(word)}"
+    return f"{number} {_one(word) if n == 1 else plural(word)}"
+
+
+def _one(word: str) -> str:
+    return f"pair of {word}" if word in PAIRS else word
 
 
 def article(phrase: str) -> str:
+    phrase = _one(phrase)
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 

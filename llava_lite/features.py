@@ -76,22 +76,38 @@ def _images_digest(image_dir: Path, recs: Sequence[ImageRecord]) -> str:
     return h.hexdigest()
 
 
-def _shard_done(path: Path, cache_key: str, ids: list[int], digest: str) -> bool:
-    """A shard on disk counts as finished only if it holds exactly the planned ids of this tower,
-    computed from these very image files."""
+def _files_stat(image_dir: Path, recs: Sequence[ImageRecord]) -> str:
+    """A fingerprint of a shard's image files' names, sizes and modification times: when it
+    matches the one a finished shard recorded, its files are the ones it was computed from and
+    their bytes need not be read again (a later call costs a ``stat`` per image, not a read)."""
+    h = hashlib.sha1()
+    for r in recs:
+        path = image_dir / r.file_name
+        st = path.stat() if path.is_file() else None
+        h.update(f"{r.file_name}\t{st.st_size if st else -1}\t{st.st_mtime_ns if st else -1}\n".encode())
+    return h.hexdigest()
+
+
+def _shard_meta(path: Path) -> dict | None:
     if not path.is_file():
-        return False
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # a damaged shard is recomputed, not trusted
         log.warning("%s: unreadable shard (%s); recomputing it", path, e)
+        return None
+
+
+def _shard_done(path: Path, cache_key: str, ids: list[int], image_dir: Path, recs: Sequence[ImageRecord]) -> bool:
+    """A shard on disk counts as finished only if it holds exactly the planned ids of this tower,
+    computed from these very image files (the same stat, or else the same bytes)."""
+    meta = _shard_meta(path)
+    if meta is None or meta.get("cache_key") != cache_key or json.loads(meta.get("image_ids", "[]")) != ids:
         return False
-    return (
-        meta.get("cache_key") == cache_key
-        and json.loads(meta.get("image_ids", "[]")) == ids
-        and meta.get("images_sha1") == digest
-    )
+    if meta.get("images_stat") == _files_stat(image_dir, recs):
+        return True
+    return meta.get("images_sha1") == _images_digest(image_dir, recs)
 
 
 @torch.no_grad()
@@ -110,12 +126,12 @@ def extract(
     """
     records = split_images(instances_json)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    io.remove_stale_temps_in(out_dir)  # a killed run's half-written shard
     shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-    digests = [_images_digest(image_dir, recs) for recs in shards]
     todo = [
         k
         for k, recs in enumerate(shards)
-        if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs], digests[k])
+        if not _shard_done(out_dir / _shard_name(k), tower.cache_key, [r.image_id for r in recs], image_dir, recs)
     ]
     if len(todo) < len(shards):
         log.info("%s: %d of %d shards already done", out_dir, len(shards) - len(todo), len(shards))
@@ -134,7 +150,9 @@ def extract(
             bar.update(len(chunk))
         feats = torch.cat(parts)  # [n, P, D]
         ids = [r.image_id for r in recs]
-        meta = {"format": FORMAT, "cache_key": tower.cache_key, "image_ids": json.dumps(ids), "images_sha1": digests[k]}
+        digest, stat = _images_digest(image_dir, recs), _files_stat(image_dir, recs)
+        meta = {"format": FORMAT, "cache_key": tower.cache_key, "image_ids": json.dumps(ids),
+                "images_sha1": digest, "images_stat": stat}  # fmt: skip
         with io.atomic_path(out_dir / _shard_name(k)) as tmp:
             save_file({"features": feats, "image_ids": torch.tensor(ids, dtype=torch.int64)}, str(tmp), metadata=meta)
     bar.close()
@@ -216,7 +234,7 @@ class FeatureReader:
     def __call__(self, image: int | str) -> torch.Tensor:
         """Features of an image given by id or by file name (as LLaVA JSON names images)."""
         if isinstance(image, str):
-            name = Path(image).name
+            name = image if image in self.by_name else Path(image).name  # LLaVA-Pretrain's "00453/<id>.jpg"
             if name not in self.by_name:
                 raise KeyError(f"{self.folder}: no features for image file {image!r}")
             image = self.by_name[name]

@@ -20,23 +20,30 @@ log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = True) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each line; a bad line raises, naming the file and line, unless it
-    is a torn last line (no newline at the end) and ``skip_torn_tail`` is set."""
+    """(line number, record) for each line; a bad line (not JSON, or not UTF-8) raises, naming the
+    file and line, unless it is a torn last line (no newline at the end) and ``skip_torn_tail`` is set.
+
+    Lines are decoded one by one, so a kill that cut the last line inside a multibyte character
+    is a torn line like any other, not an error for the whole file."""
     path = Path(path)
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # a file that ends with "\n" splits into [..., ""]; anything else in the last slot is torn
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")
+    # a file that ends with "\n" splits into [..., b""]; anything else in the last slot is torn
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
             yield i, json.loads(line)
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i == len(lines) and skip_torn_tail:
                 log.warning("%s: line %d is cut off (the run was stopped while writing it); ignoring it", path, i)
                 return
+            if isinstance(e, UnicodeDecodeError):
+                raise ValueError(
+                    f"{path}: line {i} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}, column {e.colno})") from None
 
 

@@ -1,7 +1,8 @@
 """The one place that knows where files live.
 
 Inputs that ship with the project sit under ``data/`` (pretrained tiny backbones, prompt files);
-everything the tutorial generates goes under an ignored outputs folder, one sub-folder per preset:
+an installed package (a wheel, a git URL) carries the same files as ``llava_lite/shipped/``.
+Everything the tutorial generates goes under one outputs folder, one sub-folder per preset:
 
     outputs/<preset>/world/{annotations,<split>}/   COCO-format scenes
     outputs/<preset>/instruct/                      LLaVA-format JSON
@@ -10,7 +11,10 @@ everything the tutorial generates goes under an ignored outputs folder, one sub-
     outputs/<preset>/checkpoints/                   training runs
     outputs/notebooks/                              executed notebooks
 
-``LLAVA_LITE_OUTPUTS`` moves the outputs folder (the tests point it at a temporary directory).
+The outputs folder is, the first that applies: ``$LLAVA_LITE_OUTPUTS`` (the tests point it at a
+temporary directory); ``$LLAVA_LITE_HOME/outputs`` (one folder of your choice, a Google Drive
+folder on Colab, so a disconnect loses nothing); ``outputs/`` of the checkout the package runs
+from; ``outputs/`` under the working directory (an installed package never writes beside itself).
 """
 
 from __future__ import annotations
@@ -21,14 +25,21 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
-DATA_DIR = REPO_DIR / "data"
+# a checkout has pyproject.toml beside the package; an installed package sits in site-packages
+IN_CHECKOUT = (REPO_DIR / "pyproject.toml").is_file() and (REPO_DIR / "data" / "prompts").is_dir()
+DATA_DIR = REPO_DIR / "data" if IN_CHECKOUT else PACKAGE_DIR / "shipped"
 # the shipped tiny backbones; LLAVA_LITE_PRETRAINED points at a folder of your own retrained ones
 PRETRAINED_DIR = Path(os.environ.get("LLAVA_LITE_PRETRAINED", DATA_DIR / "pretrained"))
 PROMPTS_DIR = DATA_DIR / "prompts"
 
 
 def outputs_root() -> Path:
-    return Path(os.environ.get("LLAVA_LITE_OUTPUTS", REPO_DIR / "outputs"))
+    """Where everything generated goes (read at each call, so a notebook may set the variables first)."""
+    if os.environ.get("LLAVA_LITE_OUTPUTS"):
+        return Path(os.environ["LLAVA_LITE_OUTPUTS"])
+    if os.environ.get("LLAVA_LITE_HOME"):
+        return Path(os.environ["LLAVA_LITE_HOME"]).expanduser() / "outputs"
+    return REPO_DIR / "outputs" if IN_CHECKOUT else Path.cwd() / "outputs"
 
 
 @dataclass(frozen=True)

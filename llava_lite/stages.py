@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import features as fc
-from . import io
+from . import hub, io
 from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
@@ -35,13 +38,21 @@ from .vision import VisionTower
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact")}
+# "instruct": a sample of LLaVA's released instruction files whose type the file does not state
+STAGE_TYPES = {1: ("caption",), 2: ("conversation", "detail", "complex", "exact", "instruct")}
 
 
 def resolve(name: str) -> str:
-    """A short name of ``data/pretrained/`` -> its folder; anything else unchanged (a folder or hub id)."""
+    """A short name of ``data/pretrained/`` -> its folder; a folder unchanged; a hub id -> its
+    snapshot folder in the Hugging Face cache (downloaded first when missing and reachable)."""
     shipped = PRETRAINED_DIR / name
-    return str(shipped) if shipped.is_dir() else name
+    if shipped.is_dir():
+        return str(shipped)
+    if Path(name).is_dir():
+        return name
+    if name in ("tiny-lm", "tiny-clip"):
+        raise FileNotFoundError(f"{shipped}: the shipped {name} is missing (retrain it: llava-lite backbones)")
+    return str(hub.snapshot(name, hub.LM_FILES, what="language model"))
 
 
 def load_language(cfg: LanguageConfig):
@@ -50,7 +61,7 @@ def load_language(cfg: LanguageConfig):
     tokenizer = AutoTokenizer.from_pretrained(where)
     if cfg.load_in_4bit:
         return _load_4bit(where, cfg), tokenizer
-    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype])
+    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn)
     return lm, tokenizer
 
 
@@ -78,13 +89,26 @@ def _load_4bit(where: str, cfg: LanguageConfig):
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
     )
-    lm = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, dtype=compute, device_map={"": 0})
+    lm = AutoModelForCausalLM.from_pretrained(
+        where, quantization_config=quant, dtype=compute, device_map={"": 0}, attn_implementation=cfg.attn
+    )
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
 
 
 def load_vision(cfg: VisionConfig) -> VisionTower:
     """The preset's frozen vision tower (shipped tiny CLIP, a folder, or an open_clip name)."""
     return VisionTower.load(cfg.encoder, cfg.pretrained, layer=cfg.layer, keep_cls=cfg.keep_cls)
+
+
+def lm_fingerprint(lm) -> str:
+    """A digest of a language model's weights, cheap at any size: the shape of its input
+    embeddings and 4096 of their values taken at a fixed stride, in bf16 (the same model loaded in
+    fp32, bf16 or under a 4-bit base agrees; embeddings are never quantised). A checkpoint made
+    over another language model of the same width carries another digest."""
+    w = lm.get_input_embeddings().weight.detach()
+    flat = w.flatten()
+    sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).float()
+    return hashlib.sha1(f"{tuple(w.shape)}".encode() + sample.numpy().tobytes()).hexdigest()[:16]
 
 
 def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, seed: int | None = None) -> LlavaLite:
@@ -99,6 +123,7 @@ def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, 
         lm_dim=lm.config.hidden_size,
         projector_type=preset.model.projector_type,
         image_token_id=image_id,
+        lm_fingerprint=lm_fingerprint(lm),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.stage1.seed if seed is None else seed)
@@ -135,6 +160,33 @@ def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
     return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
 
 
+def run_fingerprint(cfg, model: LlavaLite, samples: list[dict]) -> str:
+    """What makes two runs the same run: the stage's settings, the samples, the model it starts
+    from (its config, its projector's weights, LoRA or not)."""
+    h = hashlib.sha1(json.dumps([asdict(cfg), samples, asdict(model.config)], sort_keys=True, default=str).encode())
+    h.update(str(any("lora_" in n for n, _ in model.named_parameters())).encode())
+    for name, p in sorted(model.projector.state_dict().items()):
+        h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def should_resume(out: Path, fingerprint: str) -> bool:
+    """``True`` when ``out`` holds a checkpoint of this very run (a notebook rerun after a disconnect).
+    A folder of another run is cleared of its checkpoints, so a later rerun never resumes from them."""
+    out = Path(out)
+    stamp = out / "run.json"
+    same = stamp.exists() and io.read_json(stamp).get("fingerprint") == fingerprint
+    if same and latest_checkpoint(out) is not None:
+        return True
+    if not same and (out / "latest.json").exists():
+        log.info("%s holds another run's checkpoints; starting this run afresh", out)
+        (out / "latest.json").unlink()
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    io.write_json(stamp, {"fingerprint": fingerprint})
+    return False
+
+
 def run_stage(
     preset: Preset,
     model: LlavaLite,
@@ -143,16 +195,23 @@ def run_stage(
     stage: int,
     samples: list[dict],
     out: Path,
-    resume: bool = False,
+    resume: bool | None = None,
     progress: bool = True,
     accelerator=None,
     **overrides,
 ) -> dict:
-    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``)."""
+    """Train ``model`` through stage ``stage`` on ``samples`` (features from ``feats``). ``resume``
+    ``None`` (the default): go on from the run folder's last checkpoint when it holds this same run
+    (same settings, samples and starting model), else start afresh; ``True`` / ``False`` force it."""
     cfg = replace(preset.stage1 if stage == 1 else preset.stage2, **overrides)
     _, examples, stats = stage_examples(preset, tokenizer, samples, stage, model.config.num_image_tokens)
     log.info("stage %d: %s", stage, dict(stats))
     collate = Collator(tokenizer.pad_token_id, features=feats)
+    if resume is None:
+        is_main = accelerator is None or accelerator.is_main_process
+        resume = (
+            should_resume(out, run_fingerprint(cfg, model, samples)) if is_main else latest_checkpoint(out) is not None
+        )
     summary = train(model, examples, collate, cfg, out, resume=resume, progress=progress, accelerator=accelerator)
     summary["examples"] = dict(stats)
     return summary

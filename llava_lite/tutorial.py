@@ -12,8 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-import papermill as pm
-
 from . import io
 from .paths import REPO_DIR, notebooks_out
 
@@ -34,6 +32,8 @@ def smoke_parameters(path: Path) -> dict:
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict | None = None, progress: bool = False) -> Path:
     """Execute one notebook into ``out_dir`` (same file name); returns the executed copy's path."""
+    import papermill as pm  # the notebook extra (pip install "llava-lite[notebook]"); Colab runs cells itself
+
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / Path(path).name
     pm.execute_notebook(

@@ -3,7 +3,8 @@
 ``llava-lite validate FILE [--images DIR]`` reads a JSON list of samples (LLaVA's files) or JSON
 Lines (one sample a line, what the teachers append to) and checks every sample:
 
-* ``id`` present (a string or a number) and unique in the file;
+* ``id`` present (a string or a number) and unique in the file, except that LLaVA's released
+  instruction files give the samples of one image that image's id (allowed: same id, same image);
 * ``conversations`` a non-empty list of ``{"from", "value"}`` turns;
 * roles alternate ``human`` / ``gpt``, the first is ``human``, the last ``gpt``;
 * every ``value`` a non-empty string;
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import io
 from .teachers.replies import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def load_samples(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]
     """(where, sample) pairs and the lines that are not JSON (JSON Lines only: a JSON list that
     does not parse raises, naming the line and column)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = io.read_text(path)
     if path.suffix != ".jsonl":
         try:
             doc = json.loads(text)
@@ -171,15 +173,17 @@ def validate_file(path: str | Path, images: str | Path | None = None) -> Report:
         raise FileNotFoundError(f"{images}: no such image folder")
     samples, problems = load_samples(path)
     report = Report(path, samples=len(samples), problems=problems)
-    first_seen: dict[Any, str] = {}
+    first_seen: dict[Any, tuple[str, Any]] = {}
     for where, sample in samples:
         sid = sample.get("id") if isinstance(sample, dict) else None
         key = sid if isinstance(sid, (str, int)) else None
         if key is not None:
-            if key in first_seen:
-                report.problems.append(Problem(where, sid, None, "duplicate-id", f"id also used by {first_seen[key]}"))
-            else:
-                first_seen[key] = where
+            image = sample.get("image")
+            if key not in first_seen:
+                first_seen[key] = (where, image)
+            elif image is None or first_seen[key][1] != image:
+                first = first_seen[key][0]
+                report.problems.append(Problem(where, sid, None, "duplicate-id", f"id also used by {first}"))
         for turn, rule, message in check_sample(sample, images):
             report.problems.append(Problem(where, sid, turn, rule, message))
     return report

@@ -34,6 +34,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from . import hub
 from .paths import PRETRAINED_DIR
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _upright(img, path)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses images this large outright
+        raise ImageReadError(
+            f"{path}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if the file is trusted"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
@@ -137,6 +143,27 @@ def _weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder}: no open_clip weights (expected open_clip_model.safetensors)")
 
 
+def _named_model(name: str, pretrained: str | None, device):
+    """An open_clip built-in model with its pretrained weights, from the Hugging Face cache when they
+    are there (offline too), downloaded otherwise; a clear error when neither can be done."""
+    pcfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    repo = pcfg.get("hf_hub", "").strip("/")
+    cached = hub.cached_file(repo, hub.OPEN_CLIP_FILES[1:]) if repo else None
+    if repo and cached is None and hub.offline():
+        raise hub.unavailable("vision tower", f"{name} ({pretrained}: {repo})", LookupError("not cached"))
+    weights = str(cached) if cached else pretrained
+    quick_gelu = bool(pcfg.get("quick_gelu", False))
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(
+            name, pretrained=weights, device=device, cache_dir=str(hub.cache_dir()), force_quick_gelu=quick_gelu
+        )
+    except (FileNotFoundError, OSError, RuntimeError) as e:
+        if not repo:
+            raise
+        raise hub.unavailable("vision tower", f"{name} ({pretrained}: {repo})", e) from e
+    return model
+
+
 class VisionTower(nn.Module):
     """Frozen open_clip ViT returning the patch tokens of one layer: ``[B, num_patches, width]``.
 
@@ -189,7 +216,10 @@ class VisionTower(nn.Module):
         keep_cls: bool = False,
         device: str | torch.device = "cpu",
     ) -> VisionTower:
-        """An open_clip model by name + pretrained tag, or a local folder (``open_clip_config.json``)."""
+        """An open_clip model by name + pretrained tag, ``hf-hub:<repo>``, or a local folder
+        (``open_clip_config.json`` + weights, the layout the hub uses)."""
+        if name.startswith("hf-hub:"):
+            name = str(hub.snapshot(name.removeprefix("hf-hub:"), hub.OPEN_CLIP_FILES, what="vision tower"))
         folder = SHIPPED.get(name, Path(name))
         if name in SHIPPED and not folder.is_dir():
             raise FileNotFoundError(f"{folder}: the shipped {name} is missing (retrain it: llava-lite backbones clip)")
@@ -199,7 +229,7 @@ class VisionTower(nn.Module):
             weights_id = _file_hash(_weights_file(folder))
             label = name if name in SHIPPED else folder.name
         else:
-            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+            model = _named_model(name, pretrained, device)
             weights_id = pretrained or "random-init"
             label = name
         pp = open_clip.get_model_preprocess_cfg(model)

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from . import facts, io
+from . import coco_download, facts, io
 from .config import WorldConfig
 from .facts import COLOURS, SHAPES, Obj, article, count_phrase, plural
 
@@ -360,8 +360,13 @@ def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[
     A split whose stamp (``annotations/world_<split>.json``, written after its annotation files)
     matches ``cfg`` is kept as it is, so a stopped run resumes and a finished world costs one small
     read a split, not a redraw of every scene. The annotation files of a split are written after
-    all of its images. Returns the number of scenes per split.
+    all of its images. Returns the number of scenes per split. With ``cfg.source == "coco"`` the
+    same layout is filled from COCO 2017 instead (:func:`llava_lite.coco_download.fetch`).
     """
+    if cfg.source == "coco":  # the real presets: the same layout, filled from COCO 2017
+        return coco_download.fetch(cfg, root, progress=progress)
+    if cfg.source != "shapes":
+        raise ValueError(f"world source {cfg.source!r}: expected 'shapes' or 'coco'")
     root = Path(root)
     want = asdict(cfg)
 
@@ -384,8 +389,9 @@ def generate(cfg: WorldConfig, root: str | Path, progress: bool = True) -> dict[
         image_dir = root / split
         image_dir.mkdir(parents=True, exist_ok=True)
         for scene in tqdm(scenes, desc=f"world {split}", disable=not progress, unit="scene"):
-            with io.atomic_path(image_dir / scene.file_name) as tmp:
+            with io.atomic_path(image_dir / scene.file_name, durable=False) as tmp:
                 render(scene).save(tmp, format="PNG")
+        io.flush_all()  # every image on disk before the annotations and the stamp say the split is there
         instances, caps = coco_files(scenes, cfg, split)
         io.write_json(root / "annotations" / f"instances_{split}.json", instances)
         io.write_json(root / "annotations" / f"captions_{split}.json", caps)

@@ -1,13 +1,16 @@
 """The chat teacher against a real HTTP server of our own that fails on purpose
 (llava_lite/teachers/testing_server.py), plus its prompt files and reply parser."""
 
+import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +27,8 @@ from llava_lite.teachers.prompts import RESPONSE_TYPES, load_prompts
 from llava_lite.teachers.replies import MalformedReply, parse_reply
 from llava_lite.teachers.testing_server import MALFORMED_DETAIL, MALFORMED_REPLY, FaultyChatServer
 from llava_lite.validate import validate_file
+
+import kill_worker
 
 KEY_ENV = "LLAVA_LITE_TEST_CHAT_KEY"
 KEY = "sk-test-5f1e9c0d2b7a4e68"
@@ -369,3 +374,97 @@ def test_endpoint_that_keeps_failing_stops_the_run_and_a_later_run_finishes_only
         asked = {unit_of(k) for k in server.keys_asked()[n:]}
     assert (1, "detail") in asked and not asked & finished
     assert sorted(read_ids(out)) == sorted(chat.sample_id(c.image_id, t) for c in contexts for t in RESPONSE_TYPES)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing stale
+def test_a_200_without_a_completion_is_a_failure_of_its_unit_not_a_stop_of_the_run(tmp_path):
+    contexts = make_contexts(3)
+    out = tmp_path / "chat.jsonl"
+    plan = lambda key, n: "empty" if unit_of(key) == (2, "detail") else "ok"  # noqa: E731
+    with FaultyChatServer(plan) as server:
+        cfg = teacher(server, chat_max_retries=2)
+        stats = chat.generate(contexts, out, cfg, progress=False)
+        assert [unit_of(k) for k in server.keys_asked()].count((2, "detail")) == 3  # retried, then recorded
+        n = len(server.log)
+        again = chat.generate(contexts, out, cfg, progress=False)
+        assert len(server.log) == n  # the next run does not stop at the same unit again
+    assert (stats.samples, stats.failures) == (8, 1) and (again.already_done, again.already_failed) == (8, 1)
+    (failure,) = [r for _, r in jsonl.read_jsonl(chat.failures_path_for(out))]
+    assert failure["id"] == "2-detail" and failure["reason"] == "no_completion"
+    assert "3 replies of HTTP 200 without a completion" in failure["error"]
+
+
+def test_samples_of_a_redrawn_world_or_another_model_are_asked_again_and_replaced(tmp_path, caplog):
+    contexts = make_contexts(3)
+    out = tmp_path / "chat.jsonl"
+    with FaultyChatServer() as server:
+        chat.generate(contexts, out, teacher(server), progress=False)
+        n = len(server.log)
+        redrawn = make_contexts(3)
+        redrawn[1].objects = redrawn[1].objects[:1] + [Obj("dog", (0.5, 0.5, 0.9, 0.9))]  # same id, another scene
+        caplog.set_level(logging.WARNING)
+        stats = chat.generate(redrawn, out, teacher(server), progress=False)
+        assert sorted(unit_of(k) for k in server.keys_asked()[n:]) == [(2, t) for t in sorted(RESPONSE_TYPES)]
+        assert stats.stale == 3 and stats.already_done == 6 and "another world, prompt or model" in caplog.text
+        n = len(server.log)
+        other_model = chat.generate(redrawn, out, teacher(server, model="another-model"), progress=False)
+        assert len(server.log) == n + 9 and other_model.stale == 9
+    ids = read_ids(out)
+    assert sorted(ids) == sorted(chat.sample_id(c.image_id, t) for c in contexts for t in RESPONSE_TYPES)
+    assert all("dog" in " ".join(t["value"] for t in r["conversations"]) for _, r in jsonl.read_jsonl(out)
+               if r["id"].startswith("2-"))  # fmt: skip
+
+
+def test_a_reply_torn_inside_a_multibyte_character_by_a_kill_does_not_stop_the_resume(tmp_path):
+    contexts = make_contexts(2)
+    out = tmp_path / "chat.jsonl"
+    with FaultyChatServer() as server:
+        cfg = teacher(server)
+        chat.generate(contexts[:1], out, cfg, progress=False)
+        out.write_bytes(out.read_bytes() + ('{"id": "2-detail", "text": "' + "é" * 3000).encode()[:-1])
+        stats = chat.generate(contexts, out, cfg, progress=False)
+    assert stats.already_done == 3 and stats.samples == 3
+    assert sorted(read_ids(out)) == sorted(chat.sample_id(c.image_id, t) for c in contexts for t in RESPONSE_TYPES)
+
+
+def test_ctrl_c_stops_at_once_keeps_every_reply_received_and_the_rerun_asks_only_the_rest(tmp_path):
+    contexts = make_contexts(4)
+    out = tmp_path / "chat.jsonl"
+    plan = lambda key, n: "slow" if unit_of(key)[1] == "detail" and n == 0 else "ok"  # noqa: E731
+    with FaultyChatServer(plan, slow_s=8.0) as server:
+        cfg = teacher(server, chat_concurrency=12, chat_timeout_s=20.0)
+        timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt, match="stopped by Ctrl-C: 8 samples"):
+            chat.generate(contexts, out, cfg, progress=False)
+        assert time.monotonic() - t0 < 5.0  # not the 8 s of the slow replies, nor the 20 s timeout
+        assert sorted(read_ids(out)) == sorted(
+            chat.sample_id(c.image_id, t) for c in contexts for t in ("conversation", "complex")
+        )
+        n = len(server.log)
+        chat.generate(contexts, out, cfg, progress=False)
+        assert sorted(unit_of(k) for k in server.keys_asked()[n:]) == [(c.image_id, "detail") for c in contexts]
+    ids = read_ids(out)
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_runs_killed_mid_record_and_between_records_end_with_an_unbroken_runs_samples(tmp_path):
+    rng = random.Random(3)
+    with FaultyChatServer(latency_s=0.01) as server:
+        cfg = teacher(server, chat_concurrency=2)
+        chat.generate(kill_worker.chat_contexts(6), tmp_path / "straight.jsonl", cfg, progress=False)
+        kills = [
+            {"call": "llava_lite.jsonl:append", "n": rng.randint(2, 6), "half": True},  # torn inside an "é"
+            {"call": "llava_lite.jsonl:append", "n": rng.randint(2, 6)},  # between two lines
+            {"call": "llava_lite.jsonl:append", "n": 1, "half": True},
+        ]
+        out = tmp_path / "chat.jsonl"
+        args = {"contexts": 6, "out": str(out), "teacher": dataclasses.asdict(cfg)}
+        assert kill_worker.kill_and_resume("chat", args, kills, tmp_path) == [-9, -9, -9]
+        chat.generate(kill_worker.chat_contexts(6), out, cfg, progress=False)
+    ids = read_ids(out)
+    assert len(ids) == len(set(ids)) == 18
+    by_id = lambda path: sorted((r for _, r in jsonl.read_jsonl(path)), key=lambda r: r["id"])  # noqa: E731
+    assert by_id(out) == by_id(tmp_path / "straight.jsonl")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

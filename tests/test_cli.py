@@ -48,8 +48,10 @@ def test_every_declared_command_is_in_the_help(capsys):
     assert len(commands) == len(cli.COMMANDS)  # each declaration adds one command
     expected = [
         "world",
+        "coco",
         "instruct",
         "validate",
+        "released",
         "backbones",
         "features",
         "train",

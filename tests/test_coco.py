@@ -187,3 +187,12 @@ def test_box_overhang_within_rounding_is_clamped_not_rejected(tmp_path, real_coc
     inst["annotations"][2]["bbox"] = [0.0, 50.0, 586.4, 590.3]
     ctx = coco.load_contexts(*_pair(tmp_path, inst, caps))[1]
     assert ctx.objects[0].box == (0.0, 0.078125, 1.0, 1.0)
+
+
+def test_a_crowd_region_is_not_counted_as_one_object(tmp_path, real_coco_style):
+    inst, caps = real_coco_style
+    crowd = {"id": 4, "image_id": 139, "category_id": 1, "bbox": [10.0, 10.0, 300.0, 200.0], "iscrowd": 1}
+    inst["annotations"].append(crowd)
+    ctx = coco.load_contexts(*_pair(tmp_path, inst, caps))[0]
+    assert [o.name for o in ctx.objects] == ["person", "chair"] and ctx.crowds == 1
+    assert ctx.text().count("person:") == 1

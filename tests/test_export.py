@@ -10,9 +10,9 @@ import base64
 import io as pyio
 import json
 
-import httpx
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration, pipeline
 
@@ -25,7 +25,6 @@ from llava_lite.train import latest_checkpoint
 from llava_lite.vision import VisionTower
 
 from llava_fixtures import world_samples
-from serve_fixtures import transformers_serve
 
 QUESTION = "How many shapes are there?"
 VARIANTS = {
@@ -284,27 +283,96 @@ def test_the_pipeline_gives_our_reply(trained, compared):
 
 
 @pytest.mark.slow
-def test_transformers_serve_answers_an_image_url_request_with_our_greedy_reply(trained, compared, tmp_path):
+def test_the_served_export_answers_an_image_url_request_with_our_greedy_reply(trained, compared, tmp_path):
     folder = trained["lora"][2]
-    image = scene_image()
     ours = compared("lora")
-    buf = pyio.BytesIO()
-    image.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    body = {
-        "model": str(folder),
-        "temperature": 0,
-        "max_tokens": 16,
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
-            }  # fmt: skip
-        ],
+    log_path = tmp_path / "serve.log"
+    with export.serve(folder, log_path=log_path, env={"OMP_NUM_THREADS": "1"}) as base_url:
+        assert base_url.endswith("/v1")
+        reply = export.ask_served(base_url, str(folder), scene_image(), QUESTION, max_tokens=16)
+    assert reply.content == ours["ours_text"]
+    assert reply.usage["prompt_tokens"] == ours["prompt_length"]  # our prompt, image tokens included
+    assert log_path.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200') == 1
+
+
+def test_the_request_carries_the_picture_as_a_png_data_url():
+    image = scene_image()
+    (message,) = export.image_messages(image, QUESTION)
+    picture, text = message["content"]
+    assert message["role"] == "user" and text == {"type": "text", "text": QUESTION}
+    head, data = picture["image_url"]["url"].split(",", 1)
+    assert picture["type"] == "image_url" and head == "data:image/png;base64"
+    back = Image.open(pyio.BytesIO(base64.b64decode(data)))
+    assert back.format == "PNG" and back.tobytes() == image.convert(back.mode).tobytes()
+
+
+def test_serve_without_the_transformers_command_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "serve_command", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install 'transformers\[serving\]'"):
+        with export.serve(tmp_path):
+            pass
+
+
+# ------------------------------------------------------------------ what became what
+@pytest.fixture(scope="module")
+def tiny_tower():
+    return stages.load_vision(get_preset("tiny").vision)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "lora"])
+def test_the_name_map_names_every_exported_tensor_and_each_copied_one_holds_ours(tiny_tower, name):
+    preset, tower = variant_preset(name), tiny_tower
+    lm, tok = stages.load_language(preset.language)
+    model = stages.build_llava(preset, lm, tok, tower)
+    stages.prepare_stage2(preset, model, None, seed=0)
+    rows = export.name_map(model, tower)
+    ours = {f"visual.{k}": t for k, t in tower.visual.state_dict().items()} | {
+        k: t.clone() for k, t in model.state_dict().items()
     }
-    with transformers_serve(folder, tmp_path / "serve.log", env={"OMP_NUM_THREADS": "1"}) as base:
-        reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-    assert reply.status_code == 200, reply.text
-    data = reply.json()
-    assert data["choices"][0]["message"]["content"] == ours["ours_text"]
-    assert data["usage"]["prompt_tokens"] == ours["prompt_length"]  # our prompt, image tokens included
+    hf, _ = export.to_hf(model, tok, tower, preset.model.stage2_template)
+    theirs = hf.state_dict()
+    assert sorted(r["hf"] for r in rows) == sorted(theirs)  # every tensor named, once
+    for r in rows:
+        assert r["ours"] in ours or r["ours"] == "-", r
+        if r["how"] in ("copied", "tied to embed_tokens"):
+            assert torch.equal(theirs[r["hf"]], ours[r["ours"]]), r
+        elif r["how"].endswith("third of the fused in_proj"):
+            assert torch.equal(theirs[r["hf"]], ours[r["ours"]].chunk(3)["qkv".index(r["how"][0])]), r
+    merged = [r for r in rows if r["how"] == "LoRA merged in"]
+    assert bool(merged) == (name == "lora") and all(".base_layer." in r["ours"] for r in merged)
+    identity = [r["hf"] for r in rows if r["ours"] == "-"]
+    assert identity == (["model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"]
+                        if name == "linear" else [])  # fmt: skip
+
+
+def test_the_collapsed_name_map_counts_one_tensor_per_layer(tiny_tower):
+    preset, tower = get_preset("tiny"), tiny_tower
+    lm, tok = stages.load_language(preset.language)
+    model = stages.build_llava(preset, lm, tok, tower)
+    rows = export.name_map(model, tower, collapse=True)
+    assert sum(r["tensors"] for r in rows) == len(export.name_map(model, tower))
+    assert {
+        "part": "vision tower",
+        "ours": "visual.transformer.resblocks.N.attn.in_proj_weight",
+        "hf": "model.vision_tower.encoder.layers.N.self_attn.k_proj.weight",
+        "how": "k third of the fused in_proj",
+        "tensors": 4,
+    } in rows  # the tiny CLIP has 4 blocks
+    assert {
+        "part": "language model",
+        "ours": "lm.model.layers.N.mlp.down_proj.weight",
+        "hf": "model.language_model.layers.N.mlp.down_proj.weight",
+        "how": "copied",
+        "tensors": 4,
+    } in rows
+    assert {"part": "head", "ours": "lm.lm_head.weight", "hf": "lm_head.weight", "how": "tied to embed_tokens",
+            "tensors": 1} in rows  # fmt: skip
+
+
+def test_every_file_of_the_export_is_described(trained):
+    folder = trained["linear"][2]
+    rows = export.files(folder)
+    assert [r["file"] for r in rows] == sorted(p.name for p in folder.iterdir())
+    assert all(r["holds"] for r in rows), [r["file"] for r in rows if not r["holds"]]
+    size = {r["file"]: r["KiB"] for r in rows}["model.safetensors"]
+    assert size == round((folder / "model.safetensors").stat().st_size / 1024, 1)

@@ -3,15 +3,20 @@ towers, and a corrupt image names itself without leaving a partial shard."""
 
 from __future__ import annotations
 
+import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from llava_lite import cli, world
 from llava_lite.config import WorldConfig
 from llava_lite.features import FeatureReader, cache_folder, extract, split_images
 from llava_lite.vision import ImageReadError, VisionTower
+
+import kill_worker
 
 TINY_CFG = {
     "embed_dim": 32,
@@ -151,3 +156,41 @@ def test_a_redrawn_world_with_the_same_ids_is_recomputed_not_reused(tmp_path):
         [root_b / "train" / r.file_name for r in split_images(root_b / "annotations" / "instances_train.json")]
     )
     torch.testing.assert_close(FeatureReader(out).get_many(list(range(1, 7))).float(), fresh, atol=2e-3, rtol=2e-3)
+
+
+def test_a_finished_cache_is_checked_by_a_stat_of_each_image_not_a_read(split, tmp_path, monkeypatch):
+    inst, images = split
+    t = VisionTower.from_config(TINY_CFG)
+    out = cache_folder(tmp_path, t, "train")
+    extract(t, inst, images, out, batch_size=4, shard_size=4, progress=False)
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: (reads.append(p.name), real(p))[1])
+    extract(t, inst, images, out, batch_size=4, shard_size=4, progress=False)
+    assert [r for r in reads if r.endswith(".png")] == []  # old: every image of the split read and hashed again
+
+
+@pytest.mark.slow
+def test_extraction_killed_mid_shard_and_mid_encoding_ends_with_an_unbroken_runs_cache(split, tmp_path):
+    inst, images = split
+    rng = random.Random(11)
+    t = VisionTower.from_config(TINY_CFG)
+    straight = extract(t, inst, images, tmp_path / "straight", batch_size=2, shard_size=3, progress=False)
+    kills = [
+        {"call": "llava_lite.vision:VisionTower.encode", "n": rng.randint(2, 4)},  # inside a shard's images
+        {"call": "llava_lite.features:save_file", "n": rng.randint(1, 3), "half": True},  # inside a shard's write
+    ]
+    out = tmp_path / "run"
+    args = {"instances": str(inst), "images": str(images), "out": str(out), "tower": TINY_CFG}
+    assert kill_worker.kill_and_resume("features", args, kills, tmp_path) == [-9, -9]
+    assert kill_worker.temp_files(out)
+    extract(t, inst, images, out, batch_size=2, shard_size=3, progress=False)
+    assert kill_worker.temp_files(out) == []
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in straight.iterdir())
+    for p in straight.iterdir():
+        if p.suffix != ".safetensors":
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+            continue
+        with safe_open(str(p), "pt") as a, safe_open(str(out / p.name), "pt") as b:
+            assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys()), p.name
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), p.name  # noqa: SIM118

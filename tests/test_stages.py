@@ -137,6 +137,23 @@ def test_a_stage1_checkpoint_of_another_projector_is_refused_naming_both(tok, tm
         stages.prepare_stage2(preset, tiny_llava(tok), latest_checkpoint(tmp_path / "stage1"))
 
 
+def test_a_stage1_checkpoint_over_another_lm_of_the_same_width_is_refused(tok, tmp_path):
+    def lm(seed):
+        torch.manual_seed(seed)
+        arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **arch))
+
+    preset = get_preset("tiny")
+    made_over = stages.build_llava(preset, lm(0), tok, Tower())
+    made_over.config.save(tmp_path)
+    same = stages.build_llava(preset, lm(0), tok, Tower())
+    assert same.config == made_over.config  # the same base LM: the same digest
+    other = stages.build_llava(preset, lm(1), tok, Tower())
+    assert other.config.lm_dim == made_over.config.lm_dim and other.config.lm_name == made_over.config.lm_name
+    with pytest.raises(ValueError, match=r"was made for lm_fingerprint='[0-9a-f]{16}', but this model has"):
+        stages.prepare_stage2(preset, other, tmp_path, lora=False)
+
+
 def test_qlora_without_a_cuda_gpu_says_what_to_use_instead(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert stages.qlora_available() == "no CUDA GPU on this machine"

@@ -13,6 +13,8 @@ from llava_lite.facts import COLOURS, NUMBER_WORDS, SHAPES, Obj
 from llava_lite.paths import Layout
 from llava_lite.teachers import instruct, symbolic
 
+import kill_worker
+
 NUM = "|".join(NUMBER_WORDS)
 COL = "|".join(COLOURS)
 REGIONS = r"in the centre|in the (?:top|bottom) (?:left|right) corner|on the left|on the right|at the top|at the bottom"
@@ -214,3 +216,19 @@ def test_instruction_data_is_rebuilt_when_the_world_is_redrawn(tmp_path):
     second = io.read_json(instruct.build_split(layout, "val"))
     assert [s["id"] for s in first] == [s["id"] for s in second] and first != second
     assert io.read_json(instruct.build_split(layout, "val")) == second  # unchanged world: kept as it is
+
+
+@pytest.mark.parametrize("n", [1, 3])  # inside the samples' write; inside the stats' write
+def test_instruction_data_killed_while_writing_is_rebuilt_byte_for_byte(small_world, tmp_path, n):
+    straight, run = Layout(tmp_path / "straight"), Layout(tmp_path / "run")
+    for layout in (straight, run):
+        layout.root.mkdir()
+        (layout.root / "world").symlink_to(small_world)
+    instruct.build_split(straight, "val")
+    kill = [{"call": "llava_lite.io:fsync_path", "n": n, "half": True}]
+    assert kill_worker.kill_and_resume("instruct", {"root": str(run.root), "split": "val"}, kill, tmp_path) == [-9]
+    assert kill_worker.temp_files(run.instruct)
+    instruct.build_split(run, "val")
+    assert kill_worker.temp_files(run.instruct) == []
+    for name in ("val.json", "val.stats.json"):
+        assert (run.instruct / name).read_bytes() == (straight.instruct / name).read_bytes()

@@ -115,8 +115,9 @@ def test_image_must_be_a_file_name_and_exist_when_an_image_folder_is_given(tmp_p
 def test_ids_must_be_present_and_unique_and_duplicates_name_the_first_use(tmp_path):
     assert rules(good(sid=None)) == [(None, "id")]
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([good("a"), good("b"), good("a")]))
+    path.write_text(json.dumps([good("a"), good("b"), good("a", image="other.jpg"), good("b")]))
     report = validate_file(path)
+    # the same id for the same image is how LLaVA's instruction files key an image's samples
     assert [(p.where, p.rule) for p in report.problems] == [("sample 2", "duplicate-id")]
     assert "sample 0" in report.problems[0].message
 
@@ -164,3 +165,14 @@ def test_max_problems_shows_the_first_problems_then_how_many_more_and_the_summar
         "... 2 more problems not shown",
         f"{path}: 3 samples, 3 problems in 3 samples (value: 3)",
     ]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_file_with_a_byte_order_mark_passes_and_one_not_in_utf8_names_the_file_and_line(tmp_path, suffix):
+    text = json.dumps([good()]) if suffix == ".json" else json.dumps(good()) + "\n"
+    (tmp_path / f"bom{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert validate_file(tmp_path / f"bom{suffix}").ok
+    latin = text.replace("colour", "colour\u00e9").encode("latin-1")
+    (tmp_path / f"latin{suffix}").write_bytes(latin)
+    with pytest.raises(ValueError, match=rf"latin{suffix}: not UTF-8 text \(byte 0xe9 at offset \d+, line 1\)"):
+        validate_file(tmp_path / f"latin{suffix}")

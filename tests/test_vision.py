@@ -233,3 +233,11 @@ def test_shipped_tiny_clip_meets_the_retrieval_target(shipped_clip_measured):
 def test_shipped_tiny_clip_pooled_features_tell_the_colours_present(shipped_clip_measured):
     _, _, probe, _ = shipped_clip_measured
     assert probe["colour"]["accuracy"] >= 0.9, probe
+
+
+def test_an_image_over_pils_pixel_limit_is_refused_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels is over twice the limit: a bomb to PIL
+    with pytest.raises(ImageReadError, match=r"huge\.png: refused as a possible decompression bomb"):
+        load_image(path)

@@ -13,6 +13,8 @@ from llava_lite.cli import main
 from llava_lite.config import WorldConfig
 from llava_lite.facts import Obj
 
+import kill_worker
+
 
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
@@ -199,3 +201,24 @@ def test_a_finished_world_is_not_redrawn_and_a_changed_config_is(tmp_path, monke
     assert json.loads(stamp.read_text())["config"]["seed"] == 1
     inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     assert inst["info"]["config"]["seed"] == 1
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_world_killed_mid_image_mid_render_and_mid_annotations_ends_byte_for_byte(tmp_path):
+    rng = random.Random(7)
+    cfg = {"image_size": 32, "splits": {"train": 12, "val": 4}, "seed": 5}
+    world.generate(WorldConfig(**cfg), tmp_path / "straight", progress=False)
+    kills = [
+        {"call": "PIL.Image:Image.save", "n": rng.randint(2, 11), "half": True},  # inside an image's write
+        {"call": "llava_lite.world:render", "n": rng.randint(2, 11)},  # between two images
+        {"call": "llava_lite.io:fsync_path", "n": 1, "half": True},  # inside the annotations' write
+    ]
+    root = tmp_path / "run"
+    assert kill_worker.kill_and_resume("world", {"cfg": cfg, "root": str(root)}, kills, tmp_path) == [-9, -9, -9]
+    assert kill_worker.temp_files(root)
+    world.generate(WorldConfig(**cfg), root, progress=False)
+    assert kill_worker.temp_files(root) == []
+    assert _files(root) == _files(tmp_path / "straight")

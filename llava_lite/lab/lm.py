@@ -291,8 +291,6 @@ def pretrain_lm(
             )
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
-            if runtime.checkpoint_every and done % runtime.checkpoint_every == 0 and done < training.steps:
-                _save_checkpoint(ckpt, model, opt, done, time.perf_counter() - t0, learned)
             if runtime.eval_every and (done % runtime.eval_every == 0 or done == training.steps) and val:
                 m = text_only_accuracy(model, tokenizer, val[: runtime.eval_scenes])
                 row = _eval_row(done, time.perf_counter() - t0, m)
@@ -300,6 +298,10 @@ def pretrain_lm(
                 log.info("step %d: %s", done, row)
                 if on_eval:
                     on_eval(done, m)
+            # after the step's eval line: a checkpoint covers every line up to its step, so a run
+            # killed between the two never loses the eval of a step it does not redo
+            if runtime.checkpoint_every and done % runtime.checkpoint_every == 0 and done < training.steps:
+                _save_checkpoint(ckpt, model, opt, done, time.perf_counter() - t0, learned)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -6,28 +6,36 @@ parses the reply (``replies.py``) and appends a LLaVA-format sample to a JSONL f
 
 Resume policy, explicit:
 
-* every (context, type) pair is a unit with a fixed sample id ``<image_id>-<type>``;
-* a unit whose id is in the output file is finished and never asked again;
-* a unit whose replies stayed malformed after ``chat_format_retries`` extra requests, or whose
-  request the endpoint rejected (a 4xx such as 400), is written to the failures file with the
-  raw replies and is *not* asked again on the next run, unless ``retry_failed=True``;
+* every (context, type) pair is a unit with a fixed sample id ``<image_id>-<type>`` and a
+  fingerprint (``made_with``) of what its request holds: the context (the world), the prompt
+  files, the model and the request settings;
+* a unit whose id is in the output file with the same fingerprint is finished and never asked
+  again; a record of another fingerprint is stale (a redrawn world, a changed prompt or model):
+  it is removed from the file and the unit asked again;
+* a unit whose replies stayed malformed after ``chat_format_retries`` extra requests, whose
+  request the endpoint rejected (a 4xx such as 400), or whose every reply was a 200 without a
+  completion, is written to the failures file with the raw replies and is *not* asked again on
+  the next run, unless ``retry_failed=True``;
 * trouble with the endpoint itself (wrong key, still failing after every retry) stops the run
   without recording anything for the units not done: run again to resume.
 
-Samples and failures are flushed line by line, so a run stopped at any moment (Ctrl-C, a kill,
-a crash) loses at most the requests in flight.
+Samples and failures are flushed line by line, so a run stopped at any moment (a kill, a crash)
+loses at most the requests in flight. Ctrl-C stops at once: the requests in flight are dropped
+(their units stay to do), every reply already received is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import posixpath
+import queue
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +45,7 @@ from .. import jsonl
 from ..coco import SymbolicContext
 from ..config import TeacherConfig
 from ..paths import PROMPTS_DIR
-from .endpoint import ChatEndpoint, RejectedRequest
+from .endpoint import ChatEndpoint, NoCompletion, RejectedRequest
 from .prompts import RESPONSE_TYPES, PromptSet, load_prompts
 from .replies import IMAGE_TOKEN, MalformedReply, parse_reply
 
@@ -49,6 +57,7 @@ class ChatStats:
     units: int = 0  # (context, type) pairs asked for
     already_done: int = 0  # found in the output file: skipped
     already_failed: int = 0  # found in the failures file: skipped (retry_failed=False)
+    stale: int = 0  # records of another world, prompt or model: removed, their units asked again
     samples: int = 0  # written by this run
     failures: int = 0  # written to the failures file by this run
     malformed_replies: int = 0  # replies that did not parse (each retried or recorded)
@@ -106,6 +115,14 @@ def to_sample(
     return {"id": sid, "image": image, "type": rtype, "conversations": turns}
 
 
+def fingerprint(messages: list[dict], teacher: TeacherConfig, image: str) -> str:
+    """What a unit's sample was made from: the request's messages (context and prompt files), the
+    model and request settings, the image it names and the seed of the instruction draw."""
+    made = {"messages": messages, "model": teacher.model, "temperature": teacher.chat_temperature,
+            "max_tokens": teacher.chat_max_tokens, "image": image, "seed": teacher.seed}  # fmt: skip
+    return hashlib.sha1(json.dumps(made, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 class _Job:
     """What every worker thread shares: the endpoint, the prompts and the settings."""
 
@@ -119,8 +136,16 @@ class _Job:
     def image(self, ctx: SymbolicContext) -> str:
         return posixpath.join(self.image_prefix, ctx.file_name) if self.image_prefix else ctx.file_name
 
+    def made_with(self, ctx: SymbolicContext, rtype: str) -> str:
+        return fingerprint(self.prompts[rtype].messages(ctx.text()), self.teacher, self.image(ctx))
+
     def ask(self, ctx: SymbolicContext, rtype: str) -> tuple[str, dict]:
         """("sample", sample) or ("failure", record); endpoint trouble raises EndpointError."""
+        kind, record = self._ask(ctx, rtype)
+        record["made_with"] = self.made_with(ctx, rtype)
+        return kind, record
+
+    def _ask(self, ctx: SymbolicContext, rtype: str) -> tuple[str, dict]:
         prompts = self.prompts[rtype]
         messages = prompts.messages(ctx.text())
         sid = sample_id(ctx.image_id, rtype)
@@ -128,6 +153,8 @@ class _Job:
         for _ in range(1 + self.teacher.chat_format_retries):
             try:
                 completion = self.endpoint.complete(messages)
+            except NoCompletion as e:
+                return "failure", self._failure(ctx, rtype, "no_completion", str(e), attempts)
             except RejectedRequest as e:
                 return "failure", self._failure(ctx, rtype, "rejected", str(e), attempts)
             reply = completion.content
@@ -160,15 +187,23 @@ class _Job:
         }
 
 
-def _ids(path: Path) -> set[str]:
-    return {str(rec.get("id")) for _, rec in jsonl.read_jsonl(path)}
+def _current(path: Path, made_with: dict[str, str]) -> tuple[set[str], int]:
+    """The ids of ``path`` whose record was made as this run would make it; records of another
+    fingerprint (or of no unit of this run's, under an id it asks for) are removed from the file."""
+    records = [rec for _, rec in jsonl.read_jsonl(path)]
+    keep = [r for r in records if str(r.get("id")) not in made_with or r.get("made_with") == made_with[str(r["id"])]]
+    if len(keep) < len(records):
+        log.warning("%s: %d records were made from another world, prompt or model; removing them to ask again",
+                    path, len(records) - len(keep))  # fmt: skip
+        jsonl.write_jsonl(path, keep)
+    return {str(r.get("id")) for r in keep}, len(records) - len(keep)
 
 
-def _todo(contexts, types, out_path: Path, failures_path: Path, retry_failed: bool) -> tuple[list, ChatStats]:
+def _todo(units, job: _Job, out_path: Path, failures_path: Path, retry_failed: bool) -> tuple[list, ChatStats]:
     """The (context, type) units still to ask, and the run's statistics started with what is done."""
-    done, failed = _ids(out_path), _ids(failures_path)
-    units = [(ctx, t) for ctx in contexts for t in types]
-    stats = ChatStats(units=len(units))
+    made_with = {sample_id(ctx.image_id, t): job.made_with(ctx, t) for ctx, t in units}
+    (done, stale), (failed, stale_failed) = _current(out_path, made_with), _current(failures_path, made_with)
+    stats = ChatStats(units=len(units), stale=stale + stale_failed)
     todo = []
     for ctx, t in units:
         sid = sample_id(ctx.image_id, t)
@@ -182,6 +217,43 @@ def _todo(contexts, types, out_path: Path, failures_path: Path, retry_failed: bo
     log.info("chat teacher: %d units; %d already in %s, %d failed before%s; asking for %d",
              len(units), stats.already_done, out_path.name, stats.already_failed, skipped, len(todo))  # fmt: skip
     return todo, stats
+
+
+def _ask_all(job: _Job, todo: list, concurrency: int, stop: threading.Event):
+    """Ask for every unit of ``todo`` from ``concurrency`` daemon threads; returns the queue their
+    ``("ok", (kind, record))`` or ``("error", exception)`` results arrive on, and the threads.
+    Daemon threads: a stopped run returns at once, not after its requests in flight (a worker
+    never writes a file, so one left running can lose nothing)."""
+    units: queue.SimpleQueue = queue.SimpleQueue()
+    for unit in todo:
+        units.put(unit)
+    results: queue.SimpleQueue = queue.SimpleQueue()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                ctx, rtype = units.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put(("ok", job.ask(ctx, rtype)))
+            except Exception as e:
+                results.put(("error", e))
+
+    workers = [threading.Thread(target=work, daemon=True, name=f"chat-teacher-{i}") for i in range(max(1, concurrency))]
+    for w in workers[: max(1, min(len(todo), concurrency))]:
+        w.start()
+    return results, [w for w in workers if w.ident is not None]
+
+
+def _next_result(results: queue.SimpleQueue, workers: list[threading.Thread]):
+    """The next result, or None when every worker has left and none is waiting."""
+    while True:
+        try:
+            return results.get(timeout=0.1)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers) and results.empty():
+                return None
 
 
 def endpoint_for(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
@@ -224,48 +296,56 @@ def generate(
     if dupes:
         raise ValueError(f"chat teacher: image ids occur more than once among the contexts: {dupes[:5]}")
 
-    todo, stats = _todo(contexts, types, out_path, failures_path, retry_failed)
     stop = threading.Event()
     endpoint = endpoint_for(teacher, stop)
     job = _Job(endpoint, prompts, teacher, image_prefix)
+    todo, stats = _todo([(ctx, t) for ctx in contexts for t in types], job, out_path, failures_path, retry_failed)
     fatal: BaseException | None = None
-    with (
-        endpoint,
-        jsonl.open_for_append(out_path) as fout,
-        jsonl.open_for_append(failures_path) as ffail,
-        ThreadPoolExecutor(max_workers=max(1, teacher.chat_concurrency)) as pool,
-    ):
-        futures = [pool.submit(job.ask, ctx, t) for ctx, t in todo]
+    interrupted = False
+    with endpoint, jsonl.open_for_append(out_path) as fout, jsonl.open_for_append(failures_path) as ffail:
+
+        def take(kind: str, value) -> None:
+            nonlocal fatal
+            if kind == "error":  # endpoint trouble (or a bug): stop asking, keep what is done
+                if fatal is None and not interrupted:
+                    fatal = value
+                    stop.set()
+                return
+            kind, record = value
+            if kind == "sample":
+                jsonl.append(fout, record)
+                stats.samples += 1
+            else:
+                jsonl.append(ffail, record)
+                stats.failures += 1
+                log.warning("%s: recorded as a failure (%s: %s)", record["id"], record["reason"], record["error"])
+
+        results, workers = _ask_all(job, todo, teacher.chat_concurrency, stop)
+        bar = tqdm(total=len(todo), disable=not progress, desc="chat teacher", unit="reply")
         try:
-            for fut in tqdm(
-                as_completed(futures), total=len(futures), disable=not progress, desc="chat teacher", unit="reply"
-            ):
-                if fut.cancelled():
-                    continue
-                try:
-                    kind, record = fut.result()
-                except Exception as e:  # endpoint trouble (or a bug): stop asking, keep what is done
-                    if fatal is None:
-                        fatal = e
-                        stop.set()
-                        for f in futures:
-                            f.cancel()
-                    continue
-                if kind == "sample":
-                    jsonl.append(fout, record)
-                    stats.samples += 1
-                else:
-                    jsonl.append(ffail, record)
-                    stats.failures += 1
-                    log.warning("%s: recorded as a failure (%s: %s)", record["id"], record["reason"], record["error"])
-        except BaseException:
+            for _ in range(len(todo)):
+                got = _next_result(results, workers)
+                if got is None:  # stopped early: every worker has left
+                    break
+                take(*got)
+                bar.update()
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()  # no new requests; those in flight are left to end on their own
+        finally:
             stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    # counted after the pool has finished, so requests still in flight at a stop are included
+            bar.close()
+            while not results.empty():  # replies that came in while the loop was stopping are kept
+                take(*results.get_nowait())
+    # counted after the workers have left (but at Ctrl-C), so requests in flight at a stop are included
     stats.count_requests(endpoint.counts, job.malformed)
     stats.seconds = time.monotonic() - start
     log.info("chat teacher: %s", stats.summary())
+    if interrupted:
+        raise KeyboardInterrupt(
+            f"chat teacher stopped by Ctrl-C: {stats.samples} samples and {stats.failures} failures of this run "
+            f"are in {out_path}; run again to resume"
+        )
     if fatal is not None:
         raise RuntimeError(
             f"chat teacher stopped early: {fatal}. {stats.samples} samples were written "

@@ -14,7 +14,9 @@ The protocol, all of it that the chat teacher needs::
 Transient trouble (429, 5xx, a timeout, a dropped connection, a 200 whose body is not a
 completion) is retried with exponential back-off and jitter, waiting at least as long as a
 ``Retry-After`` header asks. 401/403/404 mean the configuration is wrong and stop at once;
-other 4xx reject this one request (:class:`RejectedRequest`).
+other 4xx reject this one request (:class:`RejectedRequest`), and so does a 200 that still
+holds no completion after every retry (:class:`NoCompletion`): the endpoint answers, this
+request's reply is what is wrong.
 
 The API key is read from the environment variable the configuration names and lives only in
 the request headers: no message, log line or file ever contains it.
@@ -54,6 +56,14 @@ class RejectedRequest(EndpointError):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+class NoCompletion(RejectedRequest):
+    """Every attempt of this one request came back 200 without a completion in its body."""
+
+    def __init__(self, attempts: int, detail: str):
+        EndpointError.__init__(self, f"{attempts} replies of HTTP 200 without a completion; last: {detail}")
+        self.status, self.detail = 200, detail
 
 
 @dataclass
@@ -197,6 +207,8 @@ class ChatEndpoint:
             log.warning("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
             if self.stop.wait(delay):
                 raise EndpointError("stopped")
+        if reason == "bad_body":
+            raise NoCompletion(self.max_retries + 1, last)
         raise EndpointError(f"{self.url}: gave up after {self.max_retries + 1} attempts; last: {last}")
 
     def _completion(self, response: httpx.Response) -> Completion | None:

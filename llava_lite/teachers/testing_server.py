@@ -13,6 +13,7 @@ Faults:
     drop       the connection is closed without any reply
     cut        a correct reply cut in half, with ``finish_reason: "length"`` (max_tokens ran out)
     400        the request is refused as bad (as a server refuses a context that is too long)
+    empty      a 200 whose body holds no completion (no choices), as some proxies send
 
 The response type is read off the few-shot examples, the way a real model would follow them:
 assistant examples with several questions mean a conversation, one question complex
@@ -31,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("ok", "malformed", "500", "429", "slow", "drop", "cut", "400")
+FAULTS = ("ok", "malformed", "500", "429", "slow", "drop", "cut", "400", "empty")
 # what "malformed" sends: chatter where blocks were asked for, blocks where plain text was
 MALFORMED_REPLY = "Sure! It is a lovely picture and I am happy to talk about it."
 MALFORMED_DETAIL = "Question:\nWhat is this?\n===\nAnswer:\nA picture.\n==="
@@ -185,6 +186,8 @@ class FaultyChatServer:
                     return self._send(
                         429, {"error": {"message": "injected rate limit"}}, {"Retry-After": str(server.retry_after_s)}
                     )
+                if fault == "empty":
+                    return self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "choices": []})
                 if fault == "slow":
                     time.sleep(server.slow_s)
                 if fault == "malformed":

@@ -4,7 +4,10 @@ checkpoint of other settings, and the card's command still makes the shipped run
 from __future__ import annotations
 
 import json
+import random
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,10 @@ from llava_lite.lab.config import LMArchitecture, LMDocuments, LMRuntime, LMTrai
 from llava_lite.lab.lm import heldout_perplexity, load_tiny_lm, lr_at, pretrain_lm, text_only_accuracy
 from llava_lite.paths import PRETRAINED_DIR
 from llava_lite.scene_text import reading_context, reading_layout
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the kill helpers of tests/
+import kill_jobs  # noqa: E402
+import kill_worker  # noqa: E402
 
 SHIPPED = PRETRAINED_DIR / "tiny-lm"
 SMALL = LMArchitecture(lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64)
@@ -129,9 +136,10 @@ def test_pretrain_lm_resumes_after_a_crash_with_the_same_losses(small_tokenizer,
     pretrain_lm(train, val, tmp_path / "straight", arch, docs, training, runtime, tokenizer=tok, progress=False)
 
     def crash(step, metrics):
-        raise _Crash(step)
+        if step == 12:
+            raise _Crash(step)
 
-    with pytest.raises(_Crash):  # dies at step 6, just after writing its checkpoint
+    with pytest.raises(_Crash):  # dies at the last step's eval; its checkpoint of step 6 stays
         pretrain_lm(
             train,
             val,
@@ -186,9 +194,10 @@ def test_a_resumed_run_reloads_the_tokenizer_it_saved(small_tokenizer, tmp_path)
     )
 
     def crash(step, metrics):
-        raise _Crash(step)
+        if step == 4:
+            raise _Crash(step)
 
-    with pytest.raises(_Crash):  # trains its tokenizer, then stops at step 2 with a checkpoint
+    with pytest.raises(_Crash):  # trains its tokenizer, then stops at step 4 with a checkpoint of step 2
         pretrain_lm(
             contexts[:40],
             contexts[40:42],
@@ -270,3 +279,21 @@ def test_the_cards_command_makes_the_shipped_runs_first_steps(tiny_pretrain, tmp
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in shipped[:3]]
     assert [r["lr"] for r in ours] == [r["lr"] for r in shipped[:3]]
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in shipped[:3]], rel=0.005)
+
+
+@pytest.mark.slow
+def test_pretraining_killed_mid_step_and_mid_checkpoint_ends_with_an_unbroken_runs_model(tmp_path):
+    rng = random.Random(5)
+    kill_jobs.lm_job(tmp_path / "straight")
+    kills = [
+        {"call": "llava_lite.lab.lm:_train_step", "n": rng.randint(3, 6)},  # inside a step (a checkpoint at 2)
+        {"call": "llava_lite.io:fsync_path", "n": 3, "half": True},  # inside the next checkpoint's write
+    ]
+    out = tmp_path / "run"
+    assert kill_worker.kill_and_resume("lm", {"out": str(out)}, kills, tmp_path) == [-9, -9]
+    assert kill_worker.temp_files(out)
+    kill_jobs.lm_job(out)
+    assert kill_worker.temp_files(out) == [] and not (out / "checkpoint.pt").exists()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    rows = lambda path: [{k: v for k, v in r.items() if k != "seconds"} for _, r in jsonl.read_jsonl(path)]  # noqa: E731
+    assert rows(out / "log.jsonl") == rows(tmp_path / "straight" / "log.jsonl")  # each step and each eval once
