@@ -53,3 +53,14 @@ def exact_setup():
     """A tokenizer, a tiny untrained LLaVA over it, and exact-question samples of 30 scenes."""
     tok = tiny_tokenizer()
     return tok, tiny_llava(tok, seed=3), world_samples(30, kinds=("exact",))[1]
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as an interactive terminal has it (Python's default handler raises KeyboardInterrupt),
+    also where the suite runs as a background job that ignores SIGINT; the handler is put back after."""
+    import signal  # only the Ctrl-C tests need it
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
