@@ -64,3 +64,16 @@ def ctrl_c():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): their steps are too small to share, and on a busy two-core machine two threads
+    waiting on each other made a reply take 5 s instead of 0.1 s."""
+    import torch  # only the modules that ask for it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
