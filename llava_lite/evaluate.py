@@ -24,7 +24,7 @@ import torch
 
 from . import io
 from .conversation import IGNORE, IMAGE_TOKEN, Template
-from .generate import evaluating, greedy_replies, question_prompt, stop_id
+from .generate import evaluating, greedy_replies, model_replies, question_prompt, stop_id
 from .model import token_loss
 from .scene_text import reading_context, reading_layout
 from .teachers.questions import QTYPES, is_correct, normalise_answer
@@ -83,20 +83,7 @@ def ask_llava(
             return {}
         return {"image_features": torch.stack([features(items[i].image) for i in idx])}
 
-    with evaluating(model):
-        return greedy_replies(
-            model.generate,
-            prompts,
-            tokenizer.pad_token_id,
-            stop_id(tokenizer),
-            lambda t: tokenizer.decode(t, skip_special_tokens=True),
-            batch_size,
-            max_new_tokens=max_new_tokens,
-            extras=extras,
-            returns_prompt=False,
-            progress=progress,
-            device=next(model.parameters()).device,
-        )
+    return model_replies(model, tokenizer, prompts, batch_size, max_new_tokens, extras, progress=progress)
 
 
 def records(items: Sequence[Item], replies: Sequence[str]) -> list[dict]:
@@ -261,19 +248,7 @@ def ask_reader(
         )
         for it in items
     ]
-    with evaluating(lm):
-        return greedy_replies(
-            lm.generate,
-            prompts,
-            tokenizer.pad_token_id,
-            stop_id(tokenizer),
-            lambda t: tokenizer.decode(t, skip_special_tokens=True),
-            batch_size,
-            max_new_tokens=max_new_tokens,
-            returns_prompt=True,
-            progress=progress,
-            device=lm.device,
-        )
+    return model_replies(lm, tokenizer, prompts, batch_size, max_new_tokens, returns_prompt=True, progress=progress)
 
 
 # ------------------------------------------------------------------ error analysis

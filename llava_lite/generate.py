@@ -92,6 +92,35 @@ def greedy_replies(
     return [replies[i] for i in range(len(prompts))]
 
 
+def model_replies(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+    extras: Callable[[list[int]], dict] | None = None,
+    returns_prompt: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """:func:`greedy_replies` of ``model`` (in eval mode, on its device) with ``tokenizer``'s padding,
+    stop token and decoding: what every scorer asks through. ``returns_prompt``: a plain language
+    model's ``generate`` (its output starts with the prompt), not LLaVA's."""
+    with evaluating(model):
+        return greedy_replies(
+            model.generate,
+            prompts,
+            tokenizer.pad_token_id,
+            stop_id(tokenizer),
+            lambda t: tokenizer.decode(t, skip_special_tokens=True),
+            batch_size,
+            max_new_tokens=max_new_tokens,
+            extras=extras,
+            returns_prompt=returns_prompt,
+            progress=progress,
+            device=next(model.parameters()).device,
+        )
+
+
 def conversation_prompt(model, template: Template, conversations: list[dict], sample_id: str = "") -> list[int]:
     """Token ids of LLaVA turns so far plus the assistant's opening, each ``<image>`` grown to one
     slot per patch token: what the model reads before it answers the last human turn."""

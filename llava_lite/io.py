@@ -86,20 +86,45 @@ def _remove(found: list[Path]) -> int:
     return len(found)
 
 
+_index_lock = threading.Lock()
+_index: dict[str, dict[str, list[Path]]] = {}  # folder -> file name -> stale temporaries, listed once a process
+
+
+def _folder_index(folder: Path) -> dict[str, list[Path]]:
+    """The killed writers' temporaries in ``folder`` by the file they were for: the folder is listed
+    once a process, at its first write there, so a folder of many files costs one listing, not one a
+    write (a writer that dies while this process runs is cleaned by the next run)."""
+    key = str(folder.resolve())
+    with _index_lock:
+        if key not in _index:
+            by_name: dict[str, list[Path]] = {}
+            for p in _stale(folder, None):
+                by_name.setdefault(_TEMP.match(p.name)["name"], []).append(p)
+            _index[key] = by_name
+        return _index[key]
+
+
 def stale_temps(path: str | os.PathLike) -> list[Path]:
     """Temporary files or folders beside ``path`` left by writers of it whose process is gone."""
     path = Path(path)
-    return _stale(path.parent, path.name)
+    return [p for p in _folder_index(path.parent).get(path.name, []) if p.exists()]
 
 
 def remove_stale_temps(path: str | os.PathLike) -> int:
     """Remove what :func:`stale_temps` finds; returns how many."""
-    return _remove(stale_temps(path))
+    path = Path(path)
+    index = _folder_index(path.parent)
+    with _index_lock:
+        found = index.pop(path.name, [])
+    return _remove([p for p in found if p.exists()])
 
 
 def remove_stale_temps_in(folder: str | os.PathLike) -> int:
-    """Remove every killed writer's temporary file or folder in ``folder`` (not below it)."""
-    return _remove(_stale(Path(folder), None))
+    """Remove every killed writer's temporary file or folder in ``folder`` (not below it), listing it afresh."""
+    folder = Path(folder)
+    with _index_lock:
+        _index.pop(str(folder.resolve()), None)
+    return _remove(_stale(folder, None))
 
 
 @contextmanager

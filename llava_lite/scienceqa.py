@@ -44,7 +44,7 @@ from . import io, stages
 from .coco import SymbolicContext, load_contexts
 from .config import ScienceQAConfig, get_preset
 from .conversation import IMAGE_TOKEN, Template, get_template
-from .generate import evaluating, greedy_replies, question_prompt, stop_id
+from .generate import model_replies, question_prompt
 from .paths import Layout
 from .scene_text import reading_context, reading_layout
 from .teachers import choices
@@ -370,19 +370,7 @@ def mc_replies(
         keys = [problems[i].image_key for i in idx if problems[i].image]
         return {"image_features": torch.stack([features(k) for k in keys])} if keys else {}
 
-    with evaluating(model):
-        return greedy_replies(
-            model.generate,
-            prompts,
-            tokenizer.pad_token_id,
-            stop_id(tokenizer),
-            lambda t: tokenizer.decode(t, skip_special_tokens=True),
-            batch_size,
-            max_new_tokens=max_new_tokens,
-            extras=extras,
-            progress=progress,
-            device=next(model.parameters()).device,
-        )
+    return model_replies(model, tokenizer, prompts, batch_size, max_new_tokens, extras, progress=progress)
 
 
 def reader_replies(
@@ -407,19 +395,7 @@ def reader_replies(
         return f"{reading_context(contexts[p.image_key], layout)}\n{prompt_text(p)}"
 
     prompts = [template.prompt([{"from": "human", "value": text(p)}], p.pid) for p in problems]
-    with evaluating(lm):
-        return greedy_replies(
-            lm.generate,
-            prompts,
-            tokenizer.pad_token_id,
-            stop_id(tokenizer),
-            lambda t: tokenizer.decode(t, skip_special_tokens=True),
-            batch_size,
-            max_new_tokens=max_new_tokens,
-            returns_prompt=True,
-            progress=progress,
-            device=lm.device,
-        )
+    return model_replies(lm, tokenizer, prompts, batch_size, max_new_tokens, returns_prompt=True, progress=progress)
 
 
 def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict]:

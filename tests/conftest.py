@@ -53,3 +53,27 @@ def exact_setup():
     """A tokenizer, a tiny untrained LLaVA over it, and exact-question samples of 30 scenes."""
     tok = tiny_tokenizer()
     return tok, tiny_llava(tok, seed=3), world_samples(30, kinds=("exact",))[1]
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as an interactive terminal has it (Python's default handler raises KeyboardInterrupt),
+    also where the suite runs as a background job that ignores SIGINT; the handler is put back after."""
+    import signal  # only the Ctrl-C tests need it
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): their steps are too small to share, and on a busy two-core machine two threads
+    waiting on each other made a reply take 5 s instead of 0.1 s."""
+    import torch  # only the modules that ask for it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

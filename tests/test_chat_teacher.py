@@ -427,7 +427,7 @@ def test_a_reply_torn_inside_a_multibyte_character_by_a_kill_does_not_stop_the_r
     assert sorted(read_ids(out)) == sorted(chat.sample_id(c.image_id, t) for c in contexts for t in RESPONSE_TYPES)
 
 
-def test_ctrl_c_stops_at_once_keeps_every_reply_received_and_the_rerun_asks_only_the_rest(tmp_path):
+def test_ctrl_c_stops_at_once_keeps_every_reply_received_and_the_rerun_asks_only_the_rest(tmp_path, ctrl_c):
     contexts = make_contexts(4)
     out = tmp_path / "chat.jsonl"
     plan = lambda key, n: "slow" if unit_of(key)[1] == "detail" and n == 0 else "ok"  # noqa: E731

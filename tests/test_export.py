@@ -54,13 +54,7 @@ def scene_image(seed: int = 1):
     return world.render(world.sample_world(WorldConfig(splits={"test": 1}, seed=seed))["test"][0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; on a busy CPU more threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

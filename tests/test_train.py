@@ -291,7 +291,9 @@ def test_the_cuda_random_state_is_saved(tok, samples, tmp_path):
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
 
 
-def test_ctrl_c_saves_a_checkpoint_at_the_step_it_finishes_and_the_resume_is_exact(tok, samples, tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_at_the_step_it_finishes_and_the_resume_is_exact(
+    tok, samples, tmp_path, monkeypatch, ctrl_c
+):
     straight, _ = _train(tok, samples, tmp_path / "straight", _cfg(save_every=0))
     model, examples, collate = _setup(tok, samples)
     orig = T._accumulate
@@ -311,7 +313,7 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_it_finishes_and_the_resume_is_exa
     _same_weights(straight, resumed)
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tok, samples, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tok, samples, tmp_path, monkeypatch, ctrl_c):
     model, examples, collate = _setup(tok, samples)
     orig = T._accumulate
 
