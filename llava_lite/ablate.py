@@ -137,6 +137,8 @@ def run_unit(
         "mc": mc["overall"],
         "mc_by_category": mc["accuracy"],
         "mc_unparseable": mc["unparseable"],
+        "mc_named": mc["named"],
+        "mc_chance": mc["chance"],
         "mc_questions": mc["questions"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -199,6 +201,9 @@ def table(results: Sequence[dict]) -> list[dict]:
             "mc": round(statistics.mean(mc), 3),
             "mc spread": round(max(mc) - min(mc), 3),
         }
+        named = [r["mc_named"] for r in runs if "mc_named" in r]
+        if named:  # the reasoning names the right option, whatever letter follows
+            line["option named"] = round(statistics.mean(named), 3)
         if base_exact is not None:
             line["exact vs baseline"] = round(statistics.mean(exact) - base_exact, 3)
             line["mc vs baseline"] = round(statistics.mean(mc) - base_mc, 3)
@@ -218,7 +223,8 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
         "(units already in the results file are read, not retrained).",
         "",
         "`exact`: the exact-answer score on the `test` scenes; `mc`: accuracy on the world's multiple-choice "
-        "`test` split; spread: max - min over the seeds; `paper`: " + PAPER_NOTE + ".",
+        "`test` split; `option named`: the share of multiple-choice replies whose words name the right option "
+        "and no other, whatever letter they give; spread: max - min over the seeds; `paper`: " + PAPER_NOTE + ".",
         "",
         viz.table(table(results)),
         "",
@@ -232,6 +238,7 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
             "exact": r["exact"],
             "mc": r["mc"],
             "mc unparseable": r["mc_unparseable"],
+            "option named": round(r["mc_named"], 3) if "mc_named" in r else "-",
             "stage 1 steps": r["stage1_steps"],
             "stage 2 steps": r["stage2_steps"],
             "minutes": round(r["seconds"] / 60, 1),
