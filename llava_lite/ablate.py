@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import random
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from . import io, jsonl, scienceqa, stages, viz
 from .config import Preset, get_preset
@@ -144,6 +149,13 @@ def run_unit(
     }
 
 
+def _worker_start(threads: int) -> None:
+    """A unit's process: its share of the cores, and no stalls on denormal numbers."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    logging.basicConfig(level=logging.WARNING)
+
+
 def run(
     preset_name: str,
     out: Path,
@@ -151,10 +163,14 @@ def run(
     seeds: Sequence[int] = (0, 1),
     mc_data: Path | None = None,
     progress: bool = True,
+    jobs: int = 1,
     **reduced,
 ) -> list[dict]:
-    """Every (row, seed) not yet in ``out/results.jsonl``, one after another; returns all results.
-    ``reduced``: :func:`run_unit`'s step and question limits, recorded with each result."""
+    """Every (row, seed) not yet in ``out/results.jsonl``; returns all results. ``jobs`` > 1 trains
+    that many units at once, each in its own process with ``cores // jobs`` threads (at the tiny
+    preset's small matrices, two one-thread units get more from two cores than one two-thread
+    unit); a result is written as soon as its unit ends, so a stopped run loses only the units in
+    flight. ``reduced``: :func:`run_unit`'s step and question limits, recorded with each result."""
     layout = Layout.for_preset(preset_name)
     mc_data = Path(mc_data) if mc_data else layout.scienceqa
     if not (mc_data / "problems.json").exists():
@@ -164,15 +180,30 @@ def run(
     path = Path(out) / "results.jsonl"
     tag = json.dumps(dict(sorted(reduced.items()))) if any(reduced.values()) else None
     done = {(r["row"], r["seed"], r.get("reduced")) for _, r in jsonl.read_jsonl(path)} if path.exists() else set()
-    for row in rows:
-        for seed in seeds:
-            if (row.name, seed, tag) in done:
-                continue
+    todo = [(row, seed) for row in rows for seed in seeds if (row.name, seed, tag) not in done]
+
+    def keep(result: dict) -> None:
+        result["reduced"] = tag
+        with jsonl.open_for_append(path) as f:
+            jsonl.append(f, result)
+        log.info("ablation %s, seed %d: exact %.3f, mc %.3f", result["row"], result["seed"], result["exact"], result["mc"])
+
+    if jobs <= 1:
+        for row, seed in todo:
             log.info("ablation %s, seed %d", row.name, seed)
-            result = run_unit(preset_name, row, seed, Path(out), mc_data, progress=progress, **reduced)
-            result["reduced"] = tag
-            with jsonl.open_for_append(path) as f:
-                jsonl.append(f, result)
+            keep(run_unit(preset_name, row, seed, Path(out), mc_data, progress=progress, **reduced))
+    elif todo:
+        base = get_preset(preset_name)
+        visions = {repr(v): v for v in (row_preset(base, row).vision for row, _ in todo)}
+        for vision in visions.values():  # each cache made once, before the workers read it
+            scienceqa.world_features(Layout.for_preset(preset_name), stages.load_vision(vision), ("train", "test"))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        log.info("%d units, %d at a time with %d thread(s) each", len(todo), jobs, threads)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_start, initargs=(threads,)) as pool:
+            units = [pool.submit(run_unit, preset_name, row, seed, Path(out), mc_data, **reduced) for row, seed in todo]
+            for unit in as_completed(units):
+                keep(unit.result())
     return [r for _, r in jsonl.read_jsonl(path) if r.get("reduced") == tag]
 
 

@@ -46,8 +46,8 @@ def test_reduced_units_train_score_and_resume_without_retraining(tiny_outputs, m
     out = tiny_outputs / "ablate"
     argv = ["ablate", "--rows", "last layer", "no stage 1", "--seeds", "0", "--out", str(out)]
     argv += ["--stage1-steps", "2", "--stage2-steps", "2", "--eval-limit", "4", "--batch-size", "4"]
-    assert main(argv) == 0
-    results = [r for _, r in jsonl.read_jsonl(out / "results.jsonl")]
+    assert main([*argv, "--jobs", "2"]) == 0  # the two units side by side, each in its own process
+    results = sorted((r for _, r in jsonl.read_jsonl(out / "results.jsonl")), key=lambda r: r["row"])
     assert [(r["row"], r["seed"]) for r in results] == [("last layer", 0), ("no stage 1", 0)]
     last, cold = results
     assert json.loads(last["reduced"]) == REDUCED and last["row_settings"]["layer"] == -1
@@ -55,7 +55,7 @@ def test_reduced_units_train_score_and_resume_without_retraining(tiny_outputs, m
     assert cold["stage1_steps"] == 0 and not (out / "no-stage-1-s0" / "stage1").exists()
     for r in results:
         assert r["stage2_steps"] == 2 and 0.0 <= r["exact"] <= 1.0 and 0.0 <= r["mc"] <= 1.0
-        assert r["mc_questions"] == 4 and 0 <= r["mc_unparseable"] <= 4
+        assert r["mc_questions"] == 4 and 0 <= r["mc_unparseable"] <= 4 and 0.0 <= r["mc_named"] <= 1.0
         assert r["stage2_examples"]["kept"] > 0
     report = (out / "report.md").read_text()
     assert "llava-lite ablate --rows" in report and "| last layer |" in report and "| no stage 1 |" in report
