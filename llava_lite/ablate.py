@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+import random
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from . import io, jsonl, scienceqa, stages, viz
 from .config import Preset, get_preset
 from .conversation import get_template
 from .evaluate import ask_llava, exact_items, records, score
-from .paths import Layout
+from .paths import REPO_DIR, Layout
 from .train import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ ROWS = (
     Row("linear projector", projector="linear", changes="one linear layer (the paper's) instead of mlp2x_gelu"),
     Row("answer first", answer_format="answer-first", paper=89.77, changes="the answer before its reasoning"),
 )
+DOCS_RESULTS = REPO_DIR / "docs" / "ablations.jsonl"  # the full-size results, committed beside docs/ablations.md
 PAPER_NOTE = "paper: ScienceQA accuracy of LLaVA (Vicuna-13B), Table 8; the linear row has no paper figure"
 
 
@@ -83,12 +90,14 @@ def run_unit(
     stage2_steps: int = 0,
     eval_limit: int = 0,
     batch_size: int = 0,
+    train_limit: int = 0,
     progress: bool = False,
 ) -> dict:
     """Train and score one (row, seed): stage 1 (unless the row skips it), stage 2 on the
     instruction data plus the multiple-choice ``train`` split, then both scores on ``test``.
-    ``*_steps`` and ``batch_size`` (0: the preset's) and ``eval_limit`` (0: every question) make
-    reduced runs."""
+    ``*_steps`` and ``batch_size`` (0: the preset's), ``eval_limit`` (0: every question) and
+    ``train_limit`` (0: every sample; else the first that many of each stage's training samples)
+    make reduced runs."""
     t0 = time.perf_counter()
     base, layout = get_preset(preset_name), Layout.for_preset(preset_name)
     preset = row_preset(base, row)
@@ -100,7 +109,7 @@ def run_unit(
     stage1, steps1 = None, 0
     if row.stage1:
         s1 = {k: v for k, v in (("max_steps", stage1_steps), ("batch_size", batch_size)) if v}
-        captions = _keyed(stages.stage_samples(layout, "train", 1), "train")
+        captions = _keyed(stages.stage_samples(layout, "train", 1), "train")[: train_limit or None]
         run1 = folder / "stage1"
         steps1 = stages.run_stage(
             preset, model, tokenizer, feats, 1, captions, run1, progress=progress, seed=seed, **s1
@@ -109,6 +118,8 @@ def run_unit(
     stages.prepare_stage2(preset, model, stage1, seed=seed)
     problems = scienceqa.read_split(mc_data, "train")
     mix = _keyed(stages.stage_samples(layout, "train", 2), "train") + scienceqa.to_samples(problems, row.answer_format)
+    if train_limit:  # the same share of instruction and multiple-choice samples, drawn with the seed
+        mix = random.Random(seed).sample(mix, min(train_limit, len(mix)))
     s2 = {k: v for k, v in (("max_steps", stage2_steps), ("batch_size", batch_size)) if v}
     run2 = folder / "stage2"
     summary = stages.run_stage(preset, model, tokenizer, feats, 2, mix, run2, progress=progress, seed=seed, **s2)
@@ -131,9 +142,18 @@ def run_unit(
         "mc": mc["overall"],
         "mc_by_category": mc["accuracy"],
         "mc_unparseable": mc["unparseable"],
+        "mc_named": mc["named"],
+        "mc_chance": mc["chance"],
         "mc_questions": mc["questions"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _worker_start(threads: int) -> None:
+    """A unit's process: its share of the cores, and no stalls on denormal numbers."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    logging.basicConfig(level=logging.WARNING)
 
 
 def run(
@@ -143,10 +163,14 @@ def run(
     seeds: Sequence[int] = (0, 1),
     mc_data: Path | None = None,
     progress: bool = True,
+    jobs: int = 1,
     **reduced,
 ) -> list[dict]:
-    """Every (row, seed) not yet in ``out/results.jsonl``, one after another; returns all results.
-    ``reduced``: :func:`run_unit`'s step and question limits, recorded with each result."""
+    """Every (row, seed) not yet in ``out/results.jsonl``; returns all results. ``jobs`` > 1 trains
+    that many units at once, each in its own process with ``cores // jobs`` threads (at the tiny
+    preset's small matrices, two one-thread units get more from two cores than one two-thread
+    unit); a result is written as soon as its unit ends, so a stopped run loses only the units in
+    flight. ``reduced``: :func:`run_unit`'s step and question limits, recorded with each result."""
     layout = Layout.for_preset(preset_name)
     mc_data = Path(mc_data) if mc_data else layout.scienceqa
     if not (mc_data / "problems.json").exists():
@@ -156,15 +180,30 @@ def run(
     path = Path(out) / "results.jsonl"
     tag = json.dumps(dict(sorted(reduced.items()))) if any(reduced.values()) else None
     done = {(r["row"], r["seed"], r.get("reduced")) for _, r in jsonl.read_jsonl(path)} if path.exists() else set()
-    for row in rows:
-        for seed in seeds:
-            if (row.name, seed, tag) in done:
-                continue
+    todo = [(row, seed) for row in rows for seed in seeds if (row.name, seed, tag) not in done]
+
+    def keep(result: dict) -> None:
+        result["reduced"] = tag
+        with jsonl.open_for_append(path) as f:
+            jsonl.append(f, result)
+        log.info("ablation %s, seed %d: exact %.3f, mc %.3f", result["row"], result["seed"], result["exact"], result["mc"])
+
+    if jobs <= 1:
+        for row, seed in todo:
             log.info("ablation %s, seed %d", row.name, seed)
-            result = run_unit(preset_name, row, seed, Path(out), mc_data, progress=progress, **reduced)
-            result["reduced"] = tag
-            with jsonl.open_for_append(path) as f:
-                jsonl.append(f, result)
+            keep(run_unit(preset_name, row, seed, Path(out), mc_data, progress=progress, **reduced))
+    elif todo:
+        base = get_preset(preset_name)
+        visions = {repr(v): v for v in (row_preset(base, row).vision for row, _ in todo)}
+        for vision in visions.values():  # each cache made once, before the workers read it
+            scienceqa.world_features(Layout.for_preset(preset_name), stages.load_vision(vision), ("train", "test"))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        log.info("%d units, %d at a time with %d thread(s) each", len(todo), jobs, threads)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_start, initargs=(threads,)) as pool:
+            units = [pool.submit(run_unit, preset_name, row, seed, Path(out), mc_data, **reduced) for row, seed in todo]
+            for unit in as_completed(units):
+                keep(unit.result())
     return [r for _, r in jsonl.read_jsonl(path) if r.get("reduced") == tag]
 
 
@@ -193,6 +232,9 @@ def table(results: Sequence[dict]) -> list[dict]:
             "mc": round(statistics.mean(mc), 3),
             "mc spread": round(max(mc) - min(mc), 3),
         }
+        named = [r["mc_named"] for r in runs if "mc_named" in r]
+        if named:  # the reasoning names the right option, whatever letter follows
+            line["option named"] = round(statistics.mean(named), 3)
         if base_exact is not None:
             line["exact vs baseline"] = round(statistics.mean(exact) - base_exact, 3)
             line["mc vs baseline"] = round(statistics.mean(mc) - base_mc, 3)
@@ -212,7 +254,8 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
         "(units already in the results file are read, not retrained).",
         "",
         "`exact`: the exact-answer score on the `test` scenes; `mc`: accuracy on the world's multiple-choice "
-        "`test` split; spread: max - min over the seeds; `paper`: " + PAPER_NOTE + ".",
+        "`test` split; `option named`: the share of multiple-choice replies whose words name the right option "
+        "and no other, whatever letter they give; spread: max - min over the seeds; `paper`: " + PAPER_NOTE + ".",
         "",
         viz.table(table(results)),
         "",
@@ -226,6 +269,7 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
             "exact": r["exact"],
             "mc": r["mc"],
             "mc unparseable": r["mc_unparseable"],
+            "option named": round(r["mc_named"], 3) if "mc_named" in r else "-",
             "stage 1 steps": r["stage1_steps"],
             "stage 2 steps": r["stage2_steps"],
             "minutes": round(r["seconds"] / 60, 1),
@@ -235,3 +279,38 @@ def report(results: Sequence[dict], command: str, seconds: float, date: str) -> 
     ]
     lines.append(viz.table(runs))
     return "\n".join(lines) + "\n"
+
+
+def saved_results(preset_name: str, docs: Path = DOCS_RESULTS) -> tuple[list[dict], Path | None]:
+    """The full-size results of ``preset_name`` that exist, and where they came from: the
+    ``llava-lite ablate`` output (``outputs/<preset>/ablate/results.jsonl``) first, else the
+    committed ``docs`` file; ``([], None)`` when neither holds any. Reduced runs are left out."""
+    for path in (Layout.for_preset(preset_name).root / "ablate" / "results.jsonl", Path(docs)):
+        if path.exists():
+            found = [r for _, r in jsonl.read_jsonl(path) if r.get("preset") == preset_name and not r.get("reduced")]
+            if found:
+                return found, path
+    return [], None
+
+
+def by_row(results: Sequence[dict], key: str) -> dict[str, list[float]]:
+    """``{row: [score of each seed]}`` for ``key`` (``exact`` or ``mc``), rows in the table's order."""
+    out = {row.name: [r[key] for r in results if r["row"] == row.name] for row in ROWS}
+    return {name: values for name, values in out.items() if values}
+
+
+def compare(results: Sequence[dict], a: str, b: str, key: str = "mc") -> str:
+    """One sentence on rows ``a`` and ``b``: their means over seeds, the difference, and whether the
+    seeds' ranges overlap (then the difference is within what a reseed moves)."""
+    rows = by_row(results, key)
+    if a not in rows or b not in rows:
+        return f"no results for {[n for n in (a, b) if n not in rows]}"
+    va, vb = rows[a], rows[b]
+    ma, mb = statistics.mean(va), statistics.mean(vb)
+    overlap = min(va) <= max(vb) and min(vb) <= max(va)
+    verdict = "the seeds' ranges overlap: within what a reseed moves" if overlap else "the seeds' ranges do not overlap"
+    return (
+        f"{a} {ma:.3f} (seeds {min(va):.3f}-{max(va):.3f}) vs {b} {mb:.3f} (seeds {min(vb):.3f}-{max(vb):.3f}): "
+        + (f"{a} {'higher' if ma > mb else 'lower'} by {abs(ma - mb):.3f}; " if ma != mb else "equal means; ")
+        + verdict
+    )

@@ -474,13 +474,14 @@ def _ablate(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="a reduced run: questions of each score (0: all)")
     p.add_argument("--batch-size", type=int, default=0, help="a reduced run: both stages' batch size (0: the preset's)")
     p.add_argument("--report", type=Path, help="also write the results file (markdown) here")
+    p.add_argument("--jobs", type=int, default=1, help="units trained at once, each with cores/jobs threads")
 
     def run(args):
         t0 = time.perf_counter()
         rows = [ablate.row_named(n) for n in args.rows] if args.rows else ablate.ROWS
         out = args.out or Layout.for_preset(args.preset).root / "ablate"
         reduced = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "eval_limit", "batch_size")}
-        results = ablate.run(args.preset, out, rows, args.seeds, args.data, **reduced)
+        results = ablate.run(args.preset, out, rows, args.seeds, args.data, jobs=args.jobs, **reduced)
         seconds = time.perf_counter() - t0
         text = ablate.report(results, "llava-lite " + shlex.join(args.argv), seconds, time.strftime("%Y-%m-%d"))
         io.write_text(out / "report.md", text)

@@ -13,6 +13,8 @@ normalising (``'Three.'`` -> ``three``). Accuracy per question type sits beside
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -247,3 +249,70 @@ def ask_reader(
         for it in items
     ]
     return model_replies(lm, tokenizer, prompts, batch_size, max_new_tokens, returns_prompt=True, progress=progress)
+
+
+# ------------------------------------------------------------------ error analysis
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (Wilson) interval of an accuracy of ``successes`` out of ``n``: how far a
+    measured share could be from the true one by the luck of which questions were drawn."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def guess_chance(recs: Sequence[dict]) -> dict[str, float]:
+    """Per type, what guessing scores: 1 / the number of answers a question offers, where it names
+    two or more of its type's answers ("left or right"), else 1 / its type's distinct answers."""
+    answers: dict[str, set] = defaultdict(set)
+    for r in recs:
+        answers[r["qtype"]].add(r["answer"])
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        named = [a for a in answers[r["qtype"]] if re.search(rf"\b{re.escape(a)}\b", r["question"].lower())]
+        per[r["qtype"]].append(1 / (len(named) if len(named) >= 2 else len(answers[r["qtype"]])))
+    return {t: sum(v) / len(v) for t, v in per.items()}
+
+
+def error_analysis(recs: Sequence[dict], prior: dict[str, float] | None = None) -> list[dict]:
+    """One row per question type: accuracy with its 95% interval, what guessing scores, the question
+    prior (``prior``: :func:`question_prior`'s accuracy per type), a reading of where the accuracy
+    stands, written from these numbers ("at chance": guessing lies inside the interval), and the
+    most frequent mistake."""
+    chance = guess_chance(recs)
+    rows = []
+    for t in QTYPES:
+        mine = [r for r in recs if r["qtype"] == t]
+        if not mine:
+            continue
+        right = sum(r["correct"] for r in mine)
+        lo, hi = wilson_interval(right, len(mine))
+        p = prior.get(t) if prior else None
+        if hi < chance[t]:
+            reading = "below chance"
+        elif lo <= chance[t]:
+            reading = "at chance"
+        elif p is not None and hi < p:
+            reading = "above chance, below the question prior"
+        elif p is not None and lo <= p:
+            reading = "above chance, at the question prior"
+        else:
+            reading = "above chance" + (" and the question prior" if p is not None else "")
+        wrong = Counter((r["answer"], r["normalised"] or "(nothing)") for r in mine if not r["correct"])
+        (truth, said), n = wrong.most_common(1)[0] if wrong else ((None, None), 0)
+        rows.append(
+            {
+                "type": t,
+                "questions": len(mine),
+                "accuracy": round(right / len(mine), 3),
+                "95% interval": f"{lo:.2f}-{hi:.2f}",
+                "chance": round(chance[t], 3),
+                "over chance": round(right / len(mine) - chance[t], 3),
+                **({"question prior": round(p, 3)} if p is not None else {}),
+                "reading": reading,
+                "most frequent mistake": f"'{said}' for '{truth}' ({n}x)" if n else "-",
+            }
+        )
+    return rows

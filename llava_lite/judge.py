@@ -855,3 +855,100 @@ def run_bench(
         }
     io.write_json(out / "scores.json", scores, indent=2)
     return scores
+
+
+# ================================================================== why a judge: string matches beside it
+def word_f1(answer: str, reference: str) -> float:
+    """Word overlap of an answer with the reference (F1 over lower-cased words, counted with
+    repetition): the loose string match that open-ended answers are often scored by."""
+    a, r = re.findall(r"[a-z0-9]+", answer.lower()), re.findall(r"[a-z0-9]+", reference.lower())
+    common = sum(min(a.count(w), r.count(w)) for w in set(a))
+    if not common:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def digits_for_words(text: str) -> str:
+    """The same text with its number words written as digits ("three shapes" -> "3 shapes")."""
+    words = {w: str(i) for i, w in enumerate(NUMBER_WORDS) if i}
+    return re.sub(rf"\b({'|'.join(words)})\b", lambda m: words[m.group(1)], text)
+
+
+def one_colour_swapped(text: str) -> str:
+    """The same text with its first colour word changed to the next colour of the world."""
+    m = re.search(rf"\b({'|'.join(COLOURS)})\b", text)
+    if m is None:
+        return text
+    other = COLOURS[(COLOURS.index(m.group(1)) + 1) % len(COLOURS)]
+    return text[: m.start()] + other + text[m.end() :]
+
+
+def string_match_examples(questions: Sequence[BenchQuestion], min_overlap: float = 0.8) -> list[dict]:
+    """Two answers to the first question where they exist: the reference with digits for its
+    number words (same facts, so the offline judge rates it as the reference, though an exact
+    string match calls it wrong) and the reference with one colour swapped (a word overlap of at
+    least ``min_overlap`` calls it nearly right; the judge rates it lower). Each row carries both
+    string scores and both ratings; ``[]`` when no question allows both."""
+    for q in questions:
+        ref = offline_judge(q.context, q.text, q.reference, q.reference).score
+        rows = []
+        for kind, answer in (("same facts, other words", digits_for_words(q.reference)),
+                             ("one fact wrong, same words", one_colour_swapped(q.reference))):  # fmt: skip
+            found = offline_judge(q.context, q.text, answer, q.reference)
+            rating = found.score
+            rows.append(
+                {
+                    "question_id": q.question_id,
+                    "category": q.category,
+                    "kind": kind,
+                    "answer": answer,
+                    "exact match": answer.strip().lower() == q.reference.strip().lower(),
+                    "word overlap": round(word_f1(answer, q.reference), 3),
+                    "judge": rating,
+                    "judge (reference)": ref,
+                    "judge found wrong": "; ".join(f.text for f in found.contradicted) or "-",
+                }
+            )
+        same, wrong = rows
+        if (
+            ref is not None
+            and not same["exact match"]
+            and same["judge"] == ref
+            and wrong["word overlap"] >= min_overlap
+            and wrong["judge"] is not None
+            and wrong["judge"] < ref
+        ):
+            return rows
+    return []
+
+
+def best_and_worst(questions: Sequence[BenchQuestion], answers: Mapping, records: Sequence[Mapping]) -> list[dict]:
+    """For each type, the model's best- and worst-rated answer (ties: the first), with the
+    reference, both ratings, how many of its facts the judge could check, how much of the
+    reference's facts it covers and what the judge found wrong: examples to read beside the score."""
+    by_id = {q.question_id: q for q in questions}
+    out = []
+    for t in TYPES:
+        rated = [r for r in records if r["category"] == t and r["model"] is not None and r["reference"] is not None]
+        if not rated:
+            continue
+        best = max(rated, key=lambda r: r["model"])
+        worst = min(rated, key=lambda r: r["model"])
+        for label, r in (("best", best), ("worst", worst)):
+            q = by_id[r["question_id"]]
+            out.append(
+                {
+                    "type": t,
+                    "which": label,
+                    "question": q.text,
+                    "reference": q.reference,
+                    "model": answers[q.question_id],
+                    "rating": round(r["model"], 2),
+                    "reference rating": round(r["reference"], 2),
+                    "facts checked": r["facts_checked"],
+                    "coverage": None if r["coverage"] is None else round(r["coverage"], 2),
+                    "wrong": "; ".join(r["contradicted"] + [f"invented: {n}" for n in r["invented"]]) or "-",
+                }
+            )
+    return out

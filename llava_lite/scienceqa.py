@@ -398,8 +398,22 @@ def reader_replies(
     return model_replies(lm, tokenizer, prompts, batch_size, max_new_tokens, returns_prompt=True, progress=progress)
 
 
+def named_options(reply: str, choices: Sequence[str]) -> set[int]:
+    """The indices of the options whose text a reply names (whole words, any case), the longest
+    first, so that ``purple circle`` is not also counted as ``circle``."""
+    text, found = reply.lower(), set()
+    for i in sorted(range(len(choices)), key=lambda i: -len(choices[i])):
+        pattern = re.compile(rf"(?<!\w){re.escape(choices[i].lower())}(?!\w)")
+        if pattern.search(text):
+            found.add(i)
+            text = pattern.sub(" ", text)
+    return found
+
+
 def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict]:
-    """One record per problem: its labels, the true letter, the reply and the letter read from it."""
+    """One record per problem: its labels, the true letter, the reply, the letter read from it, and
+    whether the reply's words name the right option and no other (``named``): a reasoning can name
+    the answer and still give the wrong letter."""
     recs = []
     for p, r in zip(problems, replies):
         parsed = parse_answer(r, len(p.choices))
@@ -414,6 +428,7 @@ def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict
                 "reply": r,
                 "parsed": parsed,
                 "correct": parsed == p.letter,
+                "named": named_options(r, p.choices) == {p.answer},
             }
         )
     return recs
@@ -421,8 +436,9 @@ def mc_records(problems: Sequence[Problem], replies: Sequence[str]) -> list[dict
 
 def score_mc(recs: Sequence[dict]) -> dict:
     """Accuracy overall, per category, per subject and for questions with / without a picture,
-    with each group's size, the number of unparseable replies (counted as wrong) and what
-    guessing a letter would score."""
+    with each group's size, the number of unparseable replies (counted as wrong), what guessing a
+    letter would score, overall and per category (``chance_by``), and the share of replies whose
+    words name the right option and no other (``named``, whatever letter they give)."""
 
     def acc(rows):
         return sum(r["correct"] for r in rows) / len(rows)
@@ -439,8 +455,10 @@ def score_mc(recs: Sequence[dict]) -> dict:
     return {
         "overall": acc(recs) if recs else 0.0,
         "chance": sum(1 / r["choices"] for r in recs) / len(recs) if recs else 0.0,  # guessing a letter
+        "chance_by": {c: sum(1 / r["choices"] for r in recs if r["category"] == c) / n for c, n in n_cat.items()},
         "questions": len(recs),
         "unparseable": sum(r["parsed"] is None for r in recs),
+        "named": sum(r["named"] for r in recs) / len(recs) if recs else 0.0,  # the right option's words, no other's
         "accuracy": per_cat,
         "count": n_cat,
         "subject": per_subject,

@@ -199,3 +199,29 @@ def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (),
     axes[1, 0].set_title("patch features, 3 principal components as RGB", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
+
+
+def plot_seed_bars(panels: dict[str, dict[str, Sequence[float]]], reference: dict[str, float] | None = None):
+    """One panel per ``title -> {bar: values over seeds}``: each bar at the mean, its error bar from
+    the lowest seed to the highest, every seed as a dot. ``reference`` (``bar -> number``), when
+    given, is drawn as its own panel (e.g. the paper's numbers, which have no seeds)."""
+    n = len(panels) + (reference is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels.items()):
+        names = list(bars)
+        means = [sum(v) / len(v) for v in bars.values()]
+        low = [m - min(v) for m, v in zip(means, bars.values())]
+        high = [max(v) - m for m, v in zip(means, bars.values())]
+        ax.bar(range(len(names)), means, yerr=[low, high], capsize=4, color="#8fb3d9")
+        for i, values in enumerate(bars.values()):
+            ax.plot([i] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    if reference is not None:
+        ax = axes[0][-1]
+        ax.bar(range(len(reference)), list(reference.values()), color="#c9c9c9")
+        ax.set_xticks(range(len(reference)), list(reference), rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(min(reference.values()) - 5, 100)
+        ax.set_title("paper (ScienceQA %)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -46,8 +46,8 @@ def test_reduced_units_train_score_and_resume_without_retraining(tiny_outputs, m
     out = tiny_outputs / "ablate"
     argv = ["ablate", "--rows", "last layer", "no stage 1", "--seeds", "0", "--out", str(out)]
     argv += ["--stage1-steps", "2", "--stage2-steps", "2", "--eval-limit", "4", "--batch-size", "4"]
-    assert main(argv) == 0
-    results = [r for _, r in jsonl.read_jsonl(out / "results.jsonl")]
+    assert main([*argv, "--jobs", "2"]) == 0  # the two units side by side, each in its own process
+    results = sorted((r for _, r in jsonl.read_jsonl(out / "results.jsonl")), key=lambda r: r["row"])
     assert [(r["row"], r["seed"]) for r in results] == [("last layer", 0), ("no stage 1", 0)]
     last, cold = results
     assert json.loads(last["reduced"]) == REDUCED and last["row_settings"]["layer"] == -1
@@ -55,7 +55,7 @@ def test_reduced_units_train_score_and_resume_without_retraining(tiny_outputs, m
     assert cold["stage1_steps"] == 0 and not (out / "no-stage-1-s0" / "stage1").exists()
     for r in results:
         assert r["stage2_steps"] == 2 and 0.0 <= r["exact"] <= 1.0 and 0.0 <= r["mc"] <= 1.0
-        assert r["mc_questions"] == 4 and 0 <= r["mc_unparseable"] <= 4
+        assert r["mc_questions"] == 4 and 0 <= r["mc_unparseable"] <= 4 and 0.0 <= r["mc_named"] <= 1.0
         assert r["stage2_examples"]["kept"] > 0
     report = (out / "report.md").read_text()
     assert "llava-lite ablate --rows" in report and "| last layer |" in report and "| no stage 1 |" in report
@@ -82,3 +82,44 @@ def test_the_table_holds_means_spreads_and_differences_from_the_baseline():
     }  # fmt: skip
     assert cold["exact"] == 0.6 and cold["exact spread"] == 0.2 and cold["exact vs baseline"] == -0.25
     assert cold["mc"] == 0.45 and cold["mc vs baseline"] == -0.2 and cold["paper vs baseline"] == -5.11
+
+
+def _result(row, seed, exact, mc, preset="tiny", reduced=None):
+    return {"row": row, "seed": seed, "preset": preset, "exact": exact, "mc": mc, "reduced": reduced}
+
+
+def test_saved_results_prefer_the_command_output_then_the_committed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_LITE_OUTPUTS", str(tmp_path / "outputs"))
+    docs = tmp_path / "ablations.jsonl"
+    assert ablate.saved_results("tiny", docs) == ([], None)
+    jsonl.write_jsonl(docs, [_result("baseline", 0, 0.8, 0.7), _result("baseline", 0, 0.5, 0.5, preset="colab")])
+    assert ablate.saved_results("tiny", docs) == ([_result("baseline", 0, 0.8, 0.7)], docs)
+    mine = Layout.for_preset("tiny").root / "ablate" / "results.jsonl"
+    jsonl.write_jsonl(mine, [_result("baseline", 1, 0.6, 0.6, reduced='{"stage2_steps": 2}')])
+    assert ablate.saved_results("tiny", docs)[1] == docs  # a reduced run is not the full ablation
+    jsonl.write_jsonl(mine, [_result("baseline", 1, 0.6, 0.6)])
+    assert ablate.saved_results("tiny", docs) == ([_result("baseline", 1, 0.6, 0.6)], mine)
+
+
+def test_rows_are_compared_with_their_spread_over_seeds():
+    results = [_result("answer first", 0, 0.5, 0.4), _result("baseline", 0, 0.6, 0.5), _result("baseline", 1, 0.8, 0.7)]
+    assert ablate.by_row(results, "mc") == {"baseline": [0.5, 0.7], "answer first": [0.4]}
+    assert ablate.compare(results, "baseline", "answer first", "mc") == (
+        "baseline 0.600 (seeds 0.500-0.700) vs answer first 0.400 (seeds 0.400-0.400): baseline higher by 0.200; "
+        "the seeds' ranges do not overlap"
+    )
+    results.append(_result("answer first", 1, 0.7, 0.6))
+    assert ablate.compare(results, "baseline", "answer first", "mc").endswith("within what a reseed moves")
+    assert ablate.compare(results, "baseline", "no stage 1") == "no results for ['no stage 1']"
+
+
+@pytest.mark.slow
+def test_a_train_limit_trains_on_that_many_samples_and_is_recorded(tiny_outputs, monkeypatch):
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("LLAVA_LITE_OUTPUTS", str(tiny_outputs))
+    reduced = {"stage1_steps": 1, "stage2_steps": 1, "eval_limit": 2, "batch_size": 4, "train_limit": 8}
+    out = tiny_outputs / "ablate-limited"
+    (result,) = ablate.run("tiny", out, [ablate.row_named("answer first")], (0,), progress=False, **reduced)
+    assert json.loads(result["reduced"]) == reduced
+    assert 0 < result["stage2_examples"]["kept"] <= 8 and result["stage2_steps"] == 1

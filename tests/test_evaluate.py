@@ -97,3 +97,41 @@ def test_mean_loss_matches_the_language_model_loss_and_describe_answers_each_ima
     assert len(said) == 5 and all(isinstance(t, str) for t in said)
     words = ev.nearest_words(model, tok, fake_features(names[0]), k=2)
     assert len(words) == 4 and all(len(w) == 2 for w in words)
+
+
+# ------------------------------------------------------------------ error analysis
+def test_the_wilson_interval_matches_its_formula():
+    lo, hi = ev.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert ev.wilson_interval(10, 10)[1] == 1.0
+
+
+def _rec(qtype, question, answer, reply):
+    return {"qtype": qtype, "question": question, "answer": answer, "normalised": reply, "correct": reply == answer}
+
+
+def test_guessing_counts_the_options_a_question_names_else_the_types_answers():
+    recs = [
+        _rec("position", "Is the circle to the left or to the right of the square?", "left", "left"),
+        _rec("position", "Is the circle above or below the square?", "below", "above"),
+        _rec("colour", "What colour is the circle?", "red", "red"),
+        _rec("colour", "What colour is the square?", "blue", "red"),
+        _rec("colour", "What colour is the triangle?", "green", "red"),
+    ]
+    assert ev.guess_chance(recs) == {"position": 0.5, "colour": pytest.approx(1 / 3)}
+
+
+def test_the_error_analysis_reads_chance_and_the_prior_from_the_numbers():
+    left = "Is the circle to the left or to the right of the square?"
+    position = [_rec("position", left, "left" if i % 2 else "right", "left") for i in range(20)]  # 10 of 20
+    colour = [_rec("colour", f"What colour is shape {i}?", ("red", "blue", "green")[i % 3], "red") for i in range(3)]
+    colour += [_rec("colour", "What colour is it?", "red", "red") for _ in range(27)]  # 28 of 30 right
+    rows = ev.error_analysis(position + colour, prior={"position": 0.5, "colour": 0.95})
+    by = {r["type"]: r for r in rows}
+    assert [r["type"] for r in rows] == ["colour", "position"]  # in QTYPES order
+    assert by["position"]["accuracy"] == 0.5 and by["position"]["reading"] == "at chance"
+    assert by["position"]["most frequent mistake"] == "'left' for 'right' (10x)"
+    assert by["colour"]["reading"] == "above chance, at the question prior"
+    assert by["colour"]["over chance"] == round(28 / 30 - 1 / 3, 3)
+    assert ev.error_analysis(colour)[0]["reading"] == "above chance"

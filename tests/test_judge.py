@@ -455,3 +455,44 @@ def test_judge_command_answers_from_a_checkpoint_and_writes_the_bench(tmp_path, 
     assert len(back) == 30 and set(answers) == {q.question_id for q in back}
     scores = json.loads((out / "scores.json").read_text())
     assert scores["questions"] == 30 and scores["offline"]["rated"]["all"] + scores["offline"]["unrated"]["all"] == 30
+
+
+# ---------------------------------------------------------------- string matches beside the judge
+def test_word_overlap_is_the_f1_of_shared_words():
+    assert judge.word_f1("The red circle.", "the red circle") == 1.0
+    # 2 shared words; precision 2/3, recall 2/4 -> F1 = 2 * (2/3) * (1/2) / (2/3 + 1/2) = 4/7
+    assert judge.word_f1("a red circle", "the red circle here") == pytest.approx(4 / 7)
+    assert judge.word_f1("blue", "red") == 0.0 and judge.word_f1("", "red") == 0.0
+
+
+def test_the_two_rewordings_change_digits_or_exactly_one_colour():
+    assert judge.digits_for_words("There are two shapes, one red.") == "There are 2 shapes, 1 red."
+    assert judge.digits_for_words("no shapes, someone") == "no shapes, someone"  # whole words only
+    assert judge.one_colour_swapped("A red circle and a red square.") == "A orange circle and a red square."
+    assert judge.one_colour_swapped("A purple circle.") == "A red circle."  # the colours wrap around
+    assert judge.one_colour_swapped("Two shapes.") == "Two shapes."
+
+
+def test_string_matches_miss_what_the_judge_sees():
+    """The digits version keeps the reference's rating though it is no exact match; the swapped colour
+    keeps nearly every word yet is rated lower, for the fact it gets wrong."""
+    q = judge.BenchQuestion(0, TWO.file_name, "detail", "Describe the image.", CORRECT, TWO)
+    same, wrong = judge.string_match_examples([q])
+    assert same["answer"].startswith("There are 2 shapes.") and not same["exact match"]
+    assert same["judge"] == same["judge (reference)"] == 10.0
+    assert "The orange circle is" in wrong["answer"] and wrong["word overlap"] >= 0.9
+    assert wrong["judge"] < wrong["judge (reference)"] and wrong["judge found wrong"] == "orange circle"
+    no_number = judge.BenchQuestion(1, TWO.file_name, "conversation", "What colour?", "The circle is red.", TWO)
+    assert judge.string_match_examples([no_number]) == []
+
+
+def test_best_and_worst_pick_the_extreme_ratings_of_each_type():
+    q = [judge.BenchQuestion(i, TWO.file_name, "detail", "Describe the image.", CORRECT, TWO) for i in range(2)]
+    answers = {0: CORRECT, 1: "There are three shapes."}
+    rows = judge.best_and_worst(q, answers, judge.judge_offline(q, answers))
+    assert [(r["type"], r["which"], r["model"]) for r in rows] == [
+        ("detail", "best", CORRECT),
+        ("detail", "worst", "There are three shapes."),
+    ]
+    assert rows[0]["rating"] == 10.0 and rows[0]["wrong"] == "-" and rows[1]["wrong"] == "three shapes"
+    assert rows[0]["coverage"] == 1.0 and rows[1]["facts checked"] == 1 and rows[1]["coverage"] == 0.0

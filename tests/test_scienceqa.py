@@ -305,3 +305,26 @@ def test_the_command_writes_the_set_and_says_what_train_and_evaluate_lack(world_
     assert "needs --checkpoint (or --reader)" in caplog.text
     with pytest.raises(SystemExit):
         cli.main(["scienceqa", "train", "--format", "cot"])
+
+
+def test_guessing_is_scored_per_category_too():
+    recs = [
+        {"category": "count", "subject": "s", "image": True, "choices": 2, "parsed": "A", "correct": True, "named": True},
+        {"category": "count", "subject": "s", "image": True, "choices": 4, "parsed": "B", "correct": False, "named": True},
+        {"category": "size", "subject": "s", "image": False, "choices": 5, "parsed": None, "correct": False, "named": False},
+    ]
+    s = scienceqa.score_mc(recs)
+    assert s["chance_by"] == {"count": (1 / 2 + 1 / 4) / 2, "size": 1 / 5}
+    assert s["named"] == 2 / 3
+
+
+def test_a_reasoning_names_the_right_option_only_when_no_other_is_named_too():
+    choices = ["green triangle", "purple circle", "circle", "left of"]
+    assert scienceqa.named_options("The Purple circle is large. The answer is B.", choices) == {1}
+    assert scienceqa.named_options("A circle, and a green triangle.", choices) == {0, 2}
+    assert scienceqa.named_options("It lies to the left of it; it is left-of-centre.", choices) == {3}
+    assert scienceqa.named_options("The answer is C.", choices) == set()
+    p = Problem("9", "Which shape is the largest?", choices, 1, category="size", subject="comparison")
+    recs = scienceqa.mc_records([p] * 3, ["The purple circle is largest. The answer is A.",
+                                          "The purple circle and the circle. The answer is B.", "B"])  # fmt: skip
+    assert [(r["named"], r["correct"]) for r in recs] == [(True, False), (False, True), (False, True)]
