@@ -186,7 +186,9 @@ def run(
         result["reduced"] = tag
         with jsonl.open_for_append(path) as f:
             jsonl.append(f, result)
-        log.info("ablation %s, seed %d: exact %.3f, mc %.3f", result["row"], result["seed"], result["exact"], result["mc"])
+        log.info(
+            "ablation %s, seed %d: exact %.3f, mc %.3f", result["row"], result["seed"], result["exact"], result["mc"]
+        )
 
     if jobs <= 1:
         for row, seed in todo:

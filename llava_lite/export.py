@@ -58,7 +58,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from . import io
+from . import hub, io
 from .config import Preset, get_preset
 from .conversation import IMAGE_TOKEN, Template, get_template
 from .generate import evaluating, question_prompt, stop_id
@@ -512,7 +512,8 @@ def compare(
     template = get_template(preset.model.stage2_template, tokenizer)
     ids, pixels, ours, new = _our_side(model, tokenizer, tower, template, image, question, max_new_tokens)
 
-    hf = LlavaForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
+    with hub.quiet_loading():
+        hf = LlavaForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(export_dir)
     inputs = processor.apply_chat_template(
         messages_for(image, question), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

@@ -9,6 +9,8 @@ model that is neither cached nor reachable stops with one message that says what
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
@@ -17,6 +19,21 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 # the files a language model loads from (never ONNX exports, original checkpoints or .bin twins)
 LM_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loads without transformers' per-file "Loading weights" progress bars (noise in a lesson's
+    output, where a load takes a fraction of a second); the setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging  # transformers takes seconds to import; hub reads need none
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 class ModelUnavailable(RuntimeError):

@@ -9,6 +9,7 @@ the model sees it (:func:`llava_lite.conversation.expand_image`), so splicing is
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,9 @@ def apply_lora(
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )
-    model.lm = get_peft_model(model.lm, cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing alias
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model.lm = get_peft_model(model.lm, cfg)
     return model
 
 

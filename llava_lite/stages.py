@@ -59,9 +59,10 @@ def load_language(cfg: LanguageConfig):
     """``(lm, tokenizer)``: the shipped tiny LM, a local folder, or a hub model (the real path)."""
     where = resolve(cfg.name)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    if cfg.load_in_4bit:
-        return _load_4bit(where, cfg), tokenizer
-    lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn)
+    with hub.quiet_loading():
+        if cfg.load_in_4bit:
+            return _load_4bit(where, cfg), tokenizer
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn)
     return lm, tokenizer
 
 

@@ -308,10 +308,11 @@ def test_the_command_writes_the_set_and_says_what_train_and_evaluate_lack(world_
 
 
 def test_guessing_is_scored_per_category_too():
+    rec = {"subject": "s", "image": True}
     recs = [
-        {"category": "count", "subject": "s", "image": True, "choices": 2, "parsed": "A", "correct": True, "named": True},
-        {"category": "count", "subject": "s", "image": True, "choices": 4, "parsed": "B", "correct": False, "named": True},
-        {"category": "size", "subject": "s", "image": False, "choices": 5, "parsed": None, "correct": False, "named": False},
+        {**rec, "category": "count", "choices": 2, "parsed": "A", "correct": True, "named": True},
+        {**rec, "category": "count", "choices": 4, "parsed": "B", "correct": False, "named": True},
+        {**rec, "category": "size", "image": False, "choices": 5, "parsed": None, "correct": False, "named": False},
     ]
     s = scienceqa.score_mc(recs)
     assert s["chance_by"] == {"count": (1 / 2 + 1 / 4) / 2, "size": 1 / 5}
