@@ -113,7 +113,7 @@ def make_accelerator(precision: str = "auto"):
 
 # ------------------------------------------------------------------ checkpoints
 # how a run reports and how often it saves; a run resumes under other values of these
-NOT_COMPARED = ("log_every", "save_every", "keep_checkpoints")
+NOT_COMPARED = ("log_every", "save_every", "keep_checkpoints", "stop_at")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -428,7 +428,7 @@ def train(
     plans: dict[int, list[list[int]]] = {}
     hide = not progress or rank != 0
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=hide)
-    t0, seen, last = time.perf_counter(), 0, {}
+    t0, seen, last, done = time.perf_counter(), 0, {}, start
     pad_batches: list[list[int]] = []
     scaler = accelerator.scaler
 
@@ -467,18 +467,24 @@ def train(
                     with jsonl.open_for_append(metrics_path) as f:
                         jsonl.append(f, last)
             stop = ctrl_c.asked
+            pause = bool(cfg.stop_at) and done >= cfg.stop_at and done < total
             if world > 1:  # every process stops at the same step
                 stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum").item())
-            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop:
+            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop or pause:
                 ckpt = save(done)
             accelerator.wait_for_everyone()
+            if pause and not stop:
+                log.info("stopped after step %d of %d (stop_at); start the same run again to go on", done, total)
+                bar.close()
+                break
             if stop and done < total:
                 bar.close()
                 raise TrainingInterrupted(
                     f"stopped by Ctrl-C after step {done} of {total}; checkpoint {ckpt or out_dir}; "
                     "run again with resume to go on"
                 )
-    summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2), "last": last,
+    summary = {"steps": total, "started_at": start, "stopped_at": done if done < total else None,
+               "seconds": round(time.perf_counter() - t0, 2), "last": last,
                "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
                "trainable_parameters": raw.trainable_parameters(), "processes": world, "precision": precision,
                "memory_estimate_gib": round(est.total / 2**30, 3), "run": run}  # fmt: skip
