@@ -440,6 +440,9 @@ def train(
     model.train()
     with _CtrlC() as ctrl_c:
         for step in bar:
+            if cfg.stop_at and step >= cfg.stop_at:  # paused there (stop_at); the same run started again goes on
+                log.info("stopped after step %d of %d (stop_at); start the same run again to go on", step, total)
+                break
             epoch, k = divmod(step, per_epoch)
             if epoch not in plans:
                 plans = {epoch: plan_batches(lengths, cfg.batch_size, epoch, cfg.seed, cfg.group_by_length)}
@@ -457,7 +460,7 @@ def train(
             step_loss = accelerator.reduce(step_loss, reduction="sum") / max(1, n_tokens)
             seen += len(global_batch)
             done = step + 1
-            if done % cfg.log_every == 0 or done == total or done == start + 1:
+            if done % cfg.log_every == 0 or done in (total, start + 1, cfg.stop_at):
                 dt = time.perf_counter() - t0
                 lr = optimizer.param_groups[0]["lr"]
                 last = {"step": done, "loss": round(step_loss.item(), 5), "lr": lr,
@@ -467,16 +470,11 @@ def train(
                     with jsonl.open_for_append(metrics_path) as f:
                         jsonl.append(f, last)
             stop = ctrl_c.asked
-            pause = bool(cfg.stop_at) and done >= cfg.stop_at and done < total
             if world > 1:  # every process stops at the same step
                 stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum").item())
-            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop or pause:
+            if (cfg.save_every and done % cfg.save_every == 0) or done in (total, cfg.stop_at) or stop:
                 ckpt = save(done)
             accelerator.wait_for_everyone()
-            if pause and not stop:
-                log.info("stopped after step %d of %d (stop_at); start the same run again to go on", done, total)
-                bar.close()
-                break
             if stop and done < total:
                 bar.close()
                 raise TrainingInterrupted(

@@ -8,7 +8,7 @@ import torch
 from llava_lite import stages
 from llava_lite.config import get_preset
 from llava_lite.paths import Layout
-from llava_lite.train import latest_checkpoint
+from llava_lite.train import latest_checkpoint, read_metrics
 
 from llava_fixtures import fake_features, tiny_llava, world_samples
 
@@ -74,6 +74,11 @@ def test_a_run_paused_with_stop_at_goes_on_when_started_again_and_ends_as_an_unb
     paused = tiny_llava(tok)
     first = stages.run_stage(preset, paused, tok, fake_features, 1, _samples(), tmp_path / "paused", stop_at=3, **ARGS)
     assert first["stopped_at"] == 3 and latest_checkpoint(tmp_path / "paused").name == "checkpoint-3"
+    rerun = stages.run_stage(
+        preset, tiny_llava(tok), tok, fake_features, 1, _samples(), tmp_path / "paused", stop_at=3, **ARGS
+    )
+    assert (rerun["started_at"], rerun["stopped_at"]) == (3, 3)  # already there: no step more
+    assert [m["step"] for m in read_metrics(tmp_path / "paused")][-1] == 3
     again = tiny_llava(tok)  # a fresh model, as a notebook run again from the top builds it
     rest = stages.run_stage(preset, again, tok, fake_features, 1, _samples(), tmp_path / "paused", **ARGS)
     assert (rest["started_at"], rest["stopped_at"], rest["steps"]) == (3, None, 6)
