@@ -184,19 +184,30 @@ def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2
     return fig
 
 
-def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
-    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.probes.pca_rgb`)."""
-
+def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6, width: int = 30):
+    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.probes.pca_rgb`),
+    both with the tower's patch grid drawn on them, so a cell of the map sits under its patch. Titles
+    are wrapped at ``width`` characters, never cut."""
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale), squeeze=False)
+    titles = [textwrap.fill(t, width) for t in titles]
+    lines = max((t.count("\n") + 1 for t in titles), default=0)
+    fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale + 0.15 * lines), squeeze=False)
     for i, (img, m) in enumerate(zip(images, maps)):
+        grid = len(m)
+        h, w = plt.imread(img).shape[:2] if isinstance(img, (str, Path)) else (img.height, img.width)
         axes[0, i].imshow(img)
         axes[1, i].imshow(m, interpolation="nearest")
+        for k in range(1, grid):
+            for ax, (x, y) in ((axes[0, i], (k * w / grid, k * h / grid)), (axes[1, i], (k - 0.5, k - 0.5))):
+                ax.axvline(x, color="white", lw=0.4, alpha=0.7)
+                ax.axhline(y, color="white", lw=0.4, alpha=0.7)
         if i < len(titles):
             axes[0, i].set_title(titles[i], fontsize=8)
         for ax in axes[:, i]:
-            ax.axis("off")
-    axes[1, 0].set_title("patch features, 3 principal components as RGB", fontsize=8, loc="left")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel(f"image, {len(maps[0])}x{len(maps[0])} patches", fontsize=8)
+    axes[1, 0].set_ylabel("patch features:\n3 principal components as RGB", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -16,3 +16,15 @@ def test_seed_bars_stand_at_the_mean_with_error_bars_from_the_lowest_to_the_high
     assert [t.get_text() for t in mc.get_xticklabels()] == ["baseline", "answer first"]
     assert [b.get_height() for b in paper.patches] == [90.92] and paper.get_title() == "paper (ScienceQA %)"
     assert len(viz.plot_seed_bars({"a": {"x": [1.0]}}).axes) == 1
+
+
+def test_patch_pca_draws_the_patch_grid_on_both_rows_and_wraps_long_titles_whole():
+    import torch
+    from PIL import Image
+
+    title = "A picture of a small red circle to the left of a large blue square."
+    fig = viz.show_patch_pca([Image.new("RGB", (32, 32))], [torch.rand(4, 4, 3)], [title])
+    image_ax, map_ax = fig.axes
+    assert len(image_ax.lines) == len(map_ax.lines) == 2 * 3  # 3 inner vertical + 3 horizontal lines
+    assert sorted({round(x, 6) for line in image_ax.lines for x in line.get_xdata()}) == [0.0, 1.0, 8.0, 16.0, 24.0]
+    assert image_ax.get_title().replace("\n", " ") == title and "\n" in image_ax.get_title()

@@ -204,7 +204,7 @@ class ChatEndpoint:
                 break
             delay = self._delay(attempt, retry_after)
             self.counts.retry(reason)
-            log.warning("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
+            log.info("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
             if self.stop.wait(delay):
                 raise EndpointError("stopped")
         if reason == "bad_body":
