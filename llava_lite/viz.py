@@ -212,10 +212,15 @@ def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (),
     return fig
 
 
-def plot_seed_bars(panels: dict[str, dict[str, Sequence[float]]], reference: dict[str, float] | None = None):
+def plot_seed_bars(
+    panels: dict[str, dict[str, Sequence[float]]],
+    reference: dict[str, float] | None = None,
+    chance: dict[str, float] | None = None,
+):
     """One panel per ``title -> {bar: values over seeds}``: each bar at the mean, its error bar from
     the lowest seed to the highest, every seed as a dot. ``reference`` (``bar -> number``), when
-    given, is drawn as its own panel (e.g. the paper's numbers, which have no seeds)."""
+    given, is drawn as its own panel (e.g. the paper's numbers, which have no seeds); ``chance``
+    (``title -> number``) draws what guessing scores across that panel as a dashed line."""
     n = len(panels) + (reference is not None)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
     for ax, (title, bars) in zip(axes[0], panels.items()):
@@ -228,6 +233,9 @@ def plot_seed_bars(panels: dict[str, dict[str, Sequence[float]]], reference: dic
             ax.plot([i] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+        if chance and title in chance:
+            ax.axhline(chance[title], color="#b04040", ls="--", lw=1, label="guessing")
+            ax.legend(fontsize=7, loc="lower right")
     if reference is not None:
         ax = axes[0][-1]
         ax.bar(range(len(reference)), list(reference.values()), color="#c9c9c9")

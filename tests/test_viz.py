@@ -18,6 +18,14 @@ def test_seed_bars_stand_at_the_mean_with_error_bars_from_the_lowest_to_the_high
     assert len(viz.plot_seed_bars({"a": {"x": [1.0]}}).axes) == 1
 
 
+def test_seed_bars_draw_guessing_as_a_dashed_line_on_the_panels_that_name_it():
+    fig = viz.plot_seed_bars({"exact": {"baseline": [0.9]}, "mc": {"baseline": [0.4, 0.5]}}, chance={"mc": 0.363})
+    exact, mc = fig.axes
+    dashed = [line for line in mc.lines if line.get_linestyle() == "--"]
+    assert [tuple(line.get_ydata()) for line in dashed] == [(0.363, 0.363)]
+    assert not [line for line in exact.lines if line.get_linestyle() == "--"]
+
+
 def test_patch_pca_draws_the_patch_grid_on_both_rows_and_wraps_long_titles_whole():
     import torch
     from PIL import Image
