@@ -10,7 +10,7 @@ a module. Dependencies run down this map; the lab is used by nothing above it bu
       coco                               COCO captions + instances -> symbolic contexts
       coco_download                      COCO 2017 fetched (resumed, checked) into the world's layout
       scene_text                         a context written as text for a reader that cannot see
-      teachers/                          symbolic teacher, chat endpoint, prompts as files, multiple-choice questions
+      teachers/                          symbolic, endpoint and local chat teachers, prompts as files, MC questions
       validate                           LLaVA-format checks
       released                           LLaVA's released JSON (LLaVA-Pretrain, LLaVA-Instruct-150K) as a split
     §4 vision, labels, model

@@ -155,24 +155,32 @@ def _instruct(sub) -> None:
     p.add_argument("--split", action="append", help="split(s) to build (default: every split of the preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N contexts of each split")
-    p.add_argument("--teacher", choices=("symbolic", "chat"), default="symbolic")
+    p.add_argument("--teacher", choices=("symbolic", "chat", "local"), default="symbolic")
     p.add_argument("--base-url", help="chat teacher: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", help="chat teacher: the model name the endpoint serves")
+    p.add_argument("--model", help="chat teacher: the model name the endpoint serves; local: a folder or hub id")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="chat teacher: environment variable holding the key")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8, help="local teacher: prompts generated at once")
+    p.add_argument("--temperature", type=float, default=0.2, help="chat and local teachers; 0: greedy")
+    p.add_argument("--max-tokens", type=int, default=1024, help="chat and local teachers: longest reply")
 
     def run(args):
         layout = Layout.for_preset(args.preset)
         if args.teacher == "chat" and not (args.base_url and args.model):
             raise ValueError("--teacher chat needs --base-url and --model")
+        if args.teacher == "local" and not args.model:
+            raise ValueError("--teacher local needs --model (a folder or a hub id of a chat model)")
         for split in args.split or list(get_preset(args.preset).world.splits):
-            if args.teacher == "chat":
+            if args.teacher in ("chat", "local"):
                 cfg = TeacherConfig(
-                    kind="chat",
-                    base_url=args.base_url,
+                    kind=args.teacher,
+                    base_url=args.base_url or "",
                     model=args.model,
                     api_key_env=args.api_key_env,
                     chat_concurrency=args.concurrency,
+                    chat_temperature=args.temperature,
+                    chat_max_tokens=args.max_tokens,
+                    local_batch_size=args.batch_size,
                 )
                 log.info("%s: %s", split, instruct.build_chat(layout, split, cfg, args.limit).summary())
             else:

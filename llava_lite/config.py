@@ -31,11 +31,11 @@ class WorldConfig:
 
 @dataclass
 class TeacherConfig:
-    """Who writes the instruction data: the offline symbolic teacher or a chat endpoint."""
+    """Who writes the instruction data: the offline symbolic teacher, a chat endpoint or a local chat model."""
 
-    kind: str = "symbolic"  # "symbolic" | "chat"
+    kind: str = "symbolic"  # "symbolic" | "chat" | "local"
     seed: int = 0
-    model: str = ""  # chat model name for kind="chat"
+    model: str = ""  # chat model name for kind="chat"; a folder or hub id for kind="local"
     base_url: str = ""  # OpenAI-compatible endpoint for kind="chat"
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable, never the key
     # chat teacher: request shape, concurrency and how hard to retry
@@ -46,7 +46,10 @@ class TeacherConfig:
     chat_max_retries: int = 6  # per request, on 429, 5xx, timeouts and dropped connections
     chat_backoff_s: float = 1.0  # first back-off; doubles each retry (with jitter)
     chat_max_backoff_s: float = 60.0
-    chat_format_retries: int = 2  # extra requests for a context whose reply is malformed
+    chat_format_retries: int = 2  # extra requests for a context whose reply is malformed (none when greedy local)
+    # local teacher (kind="local"): prompts answered in batches by a chat model on this machine
+    local_batch_size: int = 8
+    local_device: str = ""  # "" picks cuda when available (fp16), else cpu (fp32)
 
 
 @dataclass

@@ -104,7 +104,9 @@ def top_answers(rows: Sequence[dict] | Sequence[Item]) -> dict[str, tuple[str, i
 
 def score(recs: Sequence[dict]) -> dict:
     """Overall and per-type accuracy of per-question records, with each type's question count and,
-    when the records carry the true ``answer``, its most-common-answer share (``baseline``)."""
+    when the records carry the true ``answer``, its most-common-answer share (``baseline``). A type
+    with no question is not scored but named in ``not_asked`` (on COCO: colour, shape, position and
+    size, which a photo's names and boxes do not settle)."""
     per = defaultdict(list)
     for r in recs:
         per[r["qtype"]].append(r["correct"])
@@ -119,6 +121,7 @@ def score(recs: Sequence[dict]) -> dict:
             out["count"][t] = len(per[t])
             if top:
                 out["baseline"][t] = top[t][1] / len(per[t])
+    out["not_asked"] = [t for t in QTYPES if not per[t]]
     return out
 
 

@@ -34,6 +34,8 @@ RELATION_MARGIN = 0.12
 NEXT_TO_GAP = 0.08
 # the world's size classes are split by box side (as a fraction of the image side)
 LARGE_SIDE = 0.22
+# the kinds of fact a context can settle (what exact questions ask and the offline judge checks)
+FACT_KINDS = ("exist", "count", "colour", "shape", "position", "size")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,14 @@ class Obj:
     @property
     def size(self) -> str:
         return "large" if max(self.w, self.h) >= LARGE_SIDE else "small"
+
+
+def checkable_kinds(objs: list[Obj]) -> tuple[str, ...]:
+    """The kinds of fact a context's names and boxes settle, so the teacher asks and the judge
+    checks the same ones: all of :data:`FACT_KINDS` in the shapes world; on a photo (names without
+    a colour, COCO's) only existence and counts, since its names carry no colour or shape and its
+    boxes are not the world's (no size classes, no object placed whole in one region)."""
+    return FACT_KINDS if any(o.colour for o in objs) else ("exist", "count")
 
 
 def unique_by(objs: list[Obj], key=lambda o: o.name) -> list[Obj]:

@@ -375,7 +375,9 @@ def position_bias(records: Iterable[Mapping]) -> dict:
 
 def summarise(records: Sequence[Mapping]) -> dict:
     """The table a notebook shows: relative score per type beside the paper's, both mean ratings
-    x 10 (as LLaVA-Bench prints them), how many were rated and how many could not be."""
+    x 10 (as LLaVA-Bench prints them), how many were rated and how many could not be; for the
+    offline judge's records, ``unchecked``: the kinds of fact it could not check on some context
+    (on COCO: colour, shape, position, size), so a score never reads as covering them."""
     rated = [r for r in records if r.get("reference") is not None and r.get("model") is not None]
     out: dict = {
         "relative": relative_score(records),
@@ -396,6 +398,8 @@ def summarise(records: Sequence[Mapping]) -> dict:
         if mine:
             out["reference_mean_x10"][t] = 10 * sum(r["reference"] for r in mine) / len(mine)
             out["model_mean_x10"][t] = 10 * sum(r["model"] for r in mine) / len(mine)
+    if any("unchecked" in r for r in records):
+        out["unchecked"] = [k for k in facts.FACT_KINDS if any(k in r.get("unchecked", ()) for r in records)]
     if any("order" in r for r in records):
         out["position_bias"] = position_bias(records)
         out["relative_by_order"] = {o: relative_score(r for r in records if r.get("order") == o) for o in ORDERS}
@@ -594,7 +598,6 @@ _REGIONS = {
 }
 _RELATIONS = {v: k for k, v in facts.RELATION_PHRASES.items()}
 _INVERSE = {"right of": "left of", "below": "above"}
-CHECKS = ("exist", "count", "colour", "shape", "position", "size")
 
 
 @dataclass(frozen=True)
@@ -679,8 +682,8 @@ def read_facts(ctx: SymbolicContext, text: str) -> tuple[list[Fact], list[str], 
     on a real photo, whose names carry no colour and whose boxes are not the world's)."""
     v = _Vocabulary(ctx)
     objs = ctx.objects
-    checks = CHECKS if v.coloured else ("exist", "count")
-    unchecked = tuple(c for c in CHECKS if c not in checks)
+    checks = facts.checkable_kinds(objs)
+    unchecked = tuple(c for c in facts.FACT_KINDS if c not in checks)
     size, colour, num = "|".join(SIZE_WORDS), "|".join(COLOURS), "|".join([*_COUNT_WORDS, r"\d+"])
     region = "|".join(re.escape(r) for r in sorted(_REGIONS, key=len, reverse=True))
     rel = "|".join(re.escape(r) for r in _RELATIONS)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .evaluate import wilson_interval
 from .facts import COLOURS, SHAPES, Obj
 
 
@@ -123,8 +124,10 @@ def patch_probe(
 ) -> dict[str, float]:
     """A softmax linear probe on single patch features ``[N, P, D]`` -> class ``[N, P]``.
 
-    Returns accuracy on all test patches, on object patches only (background is the easy
-    majority), and the majority-class baseline.
+    Returns the accuracy on all test patches and on object patches only (class not 0), each with
+    its own baseline: the training set's most common class among the same kind of patches
+    (background for all patches, one object class for object patches), scored on the test patches.
+    ``patches`` and ``object_patch_count`` are the test counts the accuracies are shares of.
     """
     d = train_x.shape[-1]
     xtr, ytr = train_x.reshape(-1, d).float(), train_y.reshape(-1)
@@ -136,11 +139,23 @@ def patch_probe(
         pred = (xte @ w + b).argmax(-1)
         obj = yte != 0
         majority = torch.bincount(ytr, minlength=k).argmax()
+        counts = torch.bincount(ytr[ytr != 0], minlength=k)
+        obj_majority = counts.argmax() if counts.sum() else torch.tensor(1)
+    nan = float("nan")
     return {
         "accuracy": (pred == yte).float().mean().item(),
-        "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else float("nan"),
+        "object_patches": (pred[obj] == yte[obj]).float().mean().item() if obj.any() else nan,
         "majority": (yte == majority).float().mean().item(),
+        "object_majority": (yte[obj] == obj_majority).float().mean().item() if obj.any() else nan,
+        "patches": int(yte.numel()),
+        "object_patch_count": int(obj.sum()),
     }
+
+
+def _share_with_interval(share: float, n: int) -> str:
+    """``"0.812 [0.79, 0.83]"``: a share of ``n`` with its 95% Wilson interval."""
+    lo, hi = wilson_interval(round(share * n), n)
+    return f"{share:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
 def pca_rgb(features: torch.Tensor) -> torch.Tensor:
@@ -172,9 +187,10 @@ def compare_layers(
                 {
                     "layer": layer,
                     "predicts": attr,
-                    "all patches": round(r["accuracy"], 3),
-                    "object patches": round(r["object_patches"], 3),
-                    "majority class": round(r["majority"], 3),
+                    "object patches [95%]": _share_with_interval(r["object_patches"], r["object_patch_count"]),
+                    "object-patch majority": round(r["object_majority"], 3),
+                    "all patches [95%]": _share_with_interval(r["accuracy"], r["patches"]),
+                    "all-patch majority": round(r["majority"], 3),
                 }
             )
     return rows

@@ -1,8 +1,9 @@
 """Run the notebooks headless with papermill, in order, into the ignored outputs folder.
 
 ``llava-lite tutorial`` runs every lesson with its defaults (the full ``tiny`` lesson); the test
-suite calls :func:`run_notebook` with each notebook's own smoke parameters, which a notebook keeps
-in its metadata (``metadata.llava_lite.smoke_parameters``), so a new notebook needs no new test.
+suite calls :func:`run_notebook` on the lessons and the optional :func:`appendices`, each with its
+own smoke parameters, which a notebook keeps in its metadata
+(``metadata.llava_lite.smoke_parameters``), so a new notebook needs no new test.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ KERNEL = "python3"
 def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     """The lessons in their order (file names start with their number)."""
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def appendices(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The optional notebooks (``appendix_*.ipynb``): the tests run them, ``llava-lite tutorial`` does not."""
+    return sorted(p for p in folder.glob("appendix_*.ipynb"))
 
 
 def smoke_parameters(path: Path) -> dict:

@@ -184,27 +184,43 @@ def show_images(images: Sequence, titles: Sequence[str] = (), scale: float = 2.2
     return fig
 
 
-def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6):
-    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.probes.pca_rgb`)."""
-
+def show_patch_pca(images: Sequence, maps: Sequence, titles: Sequence[str] = (), scale: float = 2.6, width: int = 30):
+    """Each image above the PCA colour map of its patch features (see :func:`llava_lite.probes.pca_rgb`),
+    both with the tower's patch grid drawn on them, so a cell of the map sits under its patch. Titles
+    are wrapped at ``width`` characters, never cut."""
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale), squeeze=False)
+    titles = [textwrap.fill(t, width) for t in titles]
+    lines = max((t.count("\n") + 1 for t in titles), default=0)
+    fig, axes = plt.subplots(2, n, figsize=(n * scale, 2 * scale + 0.15 * lines), squeeze=False)
     for i, (img, m) in enumerate(zip(images, maps)):
+        grid = len(m)
+        h, w = plt.imread(img).shape[:2] if isinstance(img, (str, Path)) else (img.height, img.width)
         axes[0, i].imshow(img)
         axes[1, i].imshow(m, interpolation="nearest")
+        for k in range(1, grid):
+            for ax, (x, y) in ((axes[0, i], (k * w / grid, k * h / grid)), (axes[1, i], (k - 0.5, k - 0.5))):
+                ax.axvline(x, color="white", lw=0.4, alpha=0.7)
+                ax.axhline(y, color="white", lw=0.4, alpha=0.7)
         if i < len(titles):
             axes[0, i].set_title(titles[i], fontsize=8)
         for ax in axes[:, i]:
-            ax.axis("off")
-    axes[1, 0].set_title("patch features, 3 principal components as RGB", fontsize=8, loc="left")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel(f"image, {len(maps[0])}x{len(maps[0])} patches", fontsize=8)
+    axes[1, 0].set_ylabel("patch features:\n3 principal components as RGB", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_seed_bars(panels: dict[str, dict[str, Sequence[float]]], reference: dict[str, float] | None = None):
+def plot_seed_bars(
+    panels: dict[str, dict[str, Sequence[float]]],
+    reference: dict[str, float] | None = None,
+    chance: dict[str, float] | None = None,
+):
     """One panel per ``title -> {bar: values over seeds}``: each bar at the mean, its error bar from
     the lowest seed to the highest, every seed as a dot. ``reference`` (``bar -> number``), when
-    given, is drawn as its own panel (e.g. the paper's numbers, which have no seeds)."""
+    given, is drawn as its own panel (e.g. the paper's numbers, which have no seeds); ``chance``
+    (``title -> number``) draws what guessing scores across that panel as a dashed line."""
     n = len(panels) + (reference is not None)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
     for ax, (title, bars) in zip(axes[0], panels.items()):
@@ -217,6 +233,9 @@ def plot_seed_bars(panels: dict[str, dict[str, Sequence[float]]], reference: dic
             ax.plot([i] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+        if chance and title in chance:
+            ax.axhline(chance[title], color="#b04040", ls="--", lw=1, label="guessing")
+            ax.legend(fontsize=7, loc="lower right")
     if reference is not None:
         ax = axes[0][-1]
         ax.bar(range(len(reference)), list(reference.values()), color="#c9c9c9")

@@ -135,3 +135,11 @@ def test_the_error_analysis_reads_chance_and_the_prior_from_the_numbers():
     assert by["colour"]["reading"] == "above chance, at the question prior"
     assert by["colour"]["over chance"] == round(28 / 30 - 1 / 3, 3)
     assert ev.error_analysis(colour)[0]["reading"] == "above chance"
+
+
+def test_a_type_with_no_question_is_named_not_asked_and_never_scored():
+    recs = ev.records([ev.Item("0", None, "count", "q", "two"), ev.Item("1", None, "exist", "q", "no")], ["2", "yes"])
+    s = ev.score(recs)
+    assert s["accuracy"] == {"count": 1.0, "exist": 0.0} and s["count"] == {"count": 1, "exist": 1}
+    assert s["not_asked"] == ["colour", "shape", "position", "size"]
+    assert [r["model"] for r in ev.table_rows({"m": s})] == ["m"] and "colour" not in ev.table_rows({"m": s})[0]

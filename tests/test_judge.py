@@ -110,6 +110,18 @@ def test_relative_score_is_a_ratio_of_means_per_type_and_pooled_and_leaves_unrat
     }
 
 
+def test_the_offline_summary_names_the_kinds_of_fact_the_judge_could_not_check():
+    photo = SymbolicContext(9, "9.jpg", 640, 480, ["A dog."], [Obj("dog", (0.1, 0.1, 0.4, 0.5))])
+    q = judge.BenchQuestion(0, "9.jpg", "detail", "Describe it.", "There is one dog.", photo)
+    recs = judge.judge_offline([q], {0: "There is one dog on the left. It is large."})
+    assert recs[0]["facts_checked"] == 1 and recs[0]["model"] == 10.0  # "one dog"; its place and size unread
+    assert judge.summarise(recs)["unchecked"] == ["colour", "shape", "position", "size"]
+    world_q = judge.build_questions(contexts(1), 1)
+    world_recs = judge.judge_offline(world_q, {x.question_id: x.reference for x in world_q})
+    assert judge.summarise(world_recs)["unchecked"] == []
+    assert "unchecked" not in judge.summarise(RECORDS)  # an endpoint judge's records say nothing of it
+
+
 def test_position_bias_is_what_an_answer_gains_by_being_shown_first():
     recs = [
         {"question_id": 0, "order": "reference_first", "reference": 9, "model": 5},

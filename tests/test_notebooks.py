@@ -16,7 +16,7 @@ import pytest
 
 from llava_lite import tutorial
 
-NOTEBOOKS = tutorial.notebooks()
+NOTEBOOKS = tutorial.notebooks() + tutorial.appendices()  # every check holds for the optional notebooks too
 
 
 def _parameters_cell(nb: dict) -> str:
@@ -27,6 +27,8 @@ def _parameters_cell(nb: dict) -> str:
 
 def test_there_are_lessons_to_run():
     assert NOTEBOOKS and NOTEBOOKS[0].name == "00_setup.ipynb"
+    assert all(p.name.startswith("appendix_") for p in tutorial.appendices())
+    assert not set(tutorial.appendices()) & set(tutorial.notebooks()), "an appendix is not one of the lessons"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

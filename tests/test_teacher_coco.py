@@ -2,6 +2,7 @@
 ``skis`` and ``scissors`` that look plural), crowd annotations and images with no instance give
 grounded samples or a stated skip, never a crash."""
 
+import random
 import re
 from collections import Counter
 
@@ -10,7 +11,7 @@ import pytest
 from llava_lite import coco, facts, io, validate
 from llava_lite.facts import COLOURS, NUMBER_WORDS
 from llava_lite.judge import COCO_CATEGORIES
-from llava_lite.teachers import symbolic
+from llava_lite.teachers import questions, symbolic
 
 N_IMAGES = 24
 
@@ -95,3 +96,15 @@ def test_every_count_stated_about_a_coco_category_matches_its_instances(contexts
     assert checked >= 40
     said = " ".join(_gpt(s).lower() for s in samples)
     assert all(re.search(rf"\b{re.escape(n)}", said) for n in COCO_CATEGORIES)
+
+
+def test_exact_questions_on_coco_ask_only_what_its_names_and_boxes_settle(contexts):
+    rng = random.Random(0)
+    asked = Counter(qa.qtype for c in contexts for qa in questions.exact_questions(c.objects, rng, 4))
+    assert set(asked) == {"count", "exist"} and min(asked.values()) >= 10, asked
+    # two objects clearly apart, one box a quarter of the image: still no position or size question
+    apart = [facts.Obj("person", (0.0, 0.1, 0.25, 0.9)), facts.Obj("dog", (0.7, 0.5, 0.9, 0.7))]
+    assert questions.MAKERS["position"](apart, rng) is not None  # the world's maker would ask one
+    assert [questions.exact_question(apart, rng, t) for t in ("position", "size", "colour")] == [None] * 3
+    world = [facts.Obj("red circle", (0.0, 0.1, 0.25, 0.9)), facts.Obj("blue square", (0.7, 0.5, 0.9, 0.7))]
+    assert questions.exact_question(world, rng, "position").answer in ("left", "right")

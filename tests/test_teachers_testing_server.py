@@ -1,8 +1,10 @@
 """The misbehaving chat server's plans: which fault each request of each context meets."""
 
+import logging
+
 import pytest
 
-from llava_lite.teachers.testing_server import FAULTS, rotating_faults
+from llava_lite.teachers.testing_server import FAULTS, FaultyChatServer, reply_for, request_type, rotating_faults
 
 FAULT_LIST = ["ok", "500", "malformed", "429"]
 KEYS = [f"conversation\ncontext {i}" for i in range(12)]
@@ -27,3 +29,25 @@ def test_every_named_fault_is_accepted_and_an_unknown_one_is_a_value_error_namin
     assert {plan("k", n) for n in range(len(FAULTS))} == set(FAULTS)
     with pytest.raises(ValueError, match=r"unknown faults \['timeout'\]"):
         rotating_faults(["ok", "timeout"])
+
+
+def test_the_complex_reply_asks_one_question_that_takes_a_step_and_answers_it_from_the_context():
+    context = "Two shapes.\n\nred circle: [0.1, 0.1, 0.3, 0.3]\nblue square: [0.5, 0.5, 0.9, 0.9]"
+    reply = reply_for("complex", context)
+    assert reply.count("Question:") == 1 and request_type([{"role": "assistant", "content": reply}]) == "complex"
+    assert "red circle, blue square, which makes 2" in reply and reply.rstrip("=\n").endswith("leaves 1.")
+    assert reply_for("conversation", context).count("Question:") == 3
+
+
+def test_retries_are_counted_and_logged_below_warning_so_a_run_with_faults_stays_quiet(tmp_path, caplog):
+    from llava_lite.coco import SymbolicContext
+    from llava_lite.config import TeacherConfig
+    from llava_lite.teachers import chat
+
+    ctx = SymbolicContext(1, "1.png", 64, 64, ["Two shapes."], [])
+    with FaultyChatServer(rotating_faults(["500", "429", "ok"]), retry_after_s=0) as server:
+        teacher = TeacherConfig(kind="chat", base_url=server.base_url, model="m", chat_backoff_s=0.0, chat_timeout_s=5)
+        with caplog.at_level(logging.INFO):
+            result = chat.generate([ctx], tmp_path / "out.jsonl", teacher, progress=False)
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert sum(result.retried.values()) == len(retries) > 0 and all(r.levelno == logging.INFO for r in retries)

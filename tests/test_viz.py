@@ -18,6 +18,26 @@ def test_seed_bars_stand_at_the_mean_with_error_bars_from_the_lowest_to_the_high
     assert len(viz.plot_seed_bars({"a": {"x": [1.0]}}).axes) == 1
 
 
+def test_seed_bars_draw_guessing_as_a_dashed_line_on_the_panels_that_name_it():
+    fig = viz.plot_seed_bars({"exact": {"baseline": [0.9]}, "mc": {"baseline": [0.4, 0.5]}}, chance={"mc": 0.363})
+    exact, mc = fig.axes
+    dashed = [line for line in mc.lines if line.get_linestyle() == "--"]
+    assert [tuple(line.get_ydata()) for line in dashed] == [(0.363, 0.363)]
+    assert not [line for line in exact.lines if line.get_linestyle() == "--"]
+
+
+def test_patch_pca_draws_the_patch_grid_on_both_rows_and_wraps_long_titles_whole():
+    import torch
+    from PIL import Image
+
+    title = "A picture of a small red circle to the left of a large blue square."
+    fig = viz.show_patch_pca([Image.new("RGB", (32, 32))], [torch.rand(4, 4, 3)], [title])
+    image_ax, map_ax = fig.axes
+    assert len(image_ax.lines) == len(map_ax.lines) == 2 * 3  # 3 inner vertical + 3 horizontal lines
+    assert sorted({round(x, 6) for line in image_ax.lines for x in line.get_xdata()}) == [0.0, 1.0, 8.0, 16.0, 24.0]
+    assert image_ax.get_title().replace("\n", " ") == title and "\n" in image_ax.get_title()
+
+
 def test_type_scores_draw_a_bar_per_row_and_type_and_guessing_across_each_type():
     results = {
         "llava": {"accuracy": {"count": 0.8, "position": 0.5}},

@@ -1,8 +1,11 @@
-"""The chat teacher: the paper's way of writing instruction data, with any chat endpoint.
+"""The chat teacher: the paper's way of writing instruction data, with any chat model.
 
 For each symbolic context and response type it sends one request (system message, the
 hand-written few-shot examples as user/assistant turns, then the context; see ``prompts.py``),
-parses the reply (``replies.py``) and appends a LLaVA-format sample to a JSONL file.
+parses the reply (``replies.py``) and appends a LLaVA-format sample to a JSONL file. The
+request goes to an OpenAI-compatible endpoint (``kind="chat"``, ``endpoint.py``) or to a
+Hugging Face chat model on this machine (``kind="local"``, ``local.py``); everything else,
+parsing, retries, failures and resume, is the same for both.
 
 Resume policy, explicit:
 
@@ -46,6 +49,7 @@ from ..coco import SymbolicContext
 from ..config import TeacherConfig
 from ..paths import PROMPTS_DIR
 from .endpoint import ChatEndpoint, NoCompletion, RejectedRequest
+from .local import LocalChatModel
 from .prompts import RESPONSE_TYPES, PromptSet, load_prompts
 from .replies import IMAGE_TOKEN, MalformedReply, parse_reply
 
@@ -124,10 +128,14 @@ def fingerprint(messages: list[dict], teacher: TeacherConfig, image: str) -> str
 
 
 class _Job:
-    """What every worker thread shares: the endpoint, the prompts and the settings."""
+    """What every worker thread shares: the backend (endpoint or local model), the prompts and the settings."""
 
     def __init__(
-        self, endpoint: ChatEndpoint, prompts: dict[str, PromptSet], teacher: TeacherConfig, image_prefix: str
+        self,
+        endpoint: ChatEndpoint | LocalChatModel,
+        prompts: dict[str, PromptSet],
+        teacher: TeacherConfig,
+        image_prefix: str,
     ):
         self.endpoint, self.prompts, self.teacher, self.image_prefix = endpoint, prompts, teacher, image_prefix
         self.malformed = 0
@@ -150,7 +158,9 @@ class _Job:
         messages = prompts.messages(ctx.text())
         sid = sample_id(ctx.image_id, rtype)
         attempts = []
-        for _ in range(1 + self.teacher.chat_format_retries):
+        # a greedy local model gives a malformed reply again when asked again
+        retries = 0 if self.endpoint.deterministic else self.teacher.chat_format_retries
+        for _ in range(1 + retries):
             try:
                 completion = self.endpoint.complete(messages)
             except NoCompletion as e:
@@ -273,6 +283,20 @@ def endpoint_for(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint:
     )
 
 
+def backend_for(teacher: TeacherConfig, stop: threading.Event) -> ChatEndpoint | LocalChatModel:
+    """Where a teacher config's requests go: a local chat model (``kind="local"``) or an endpoint."""
+    if teacher.kind == "local":
+        return LocalChatModel(
+            teacher.model,
+            batch_size=teacher.local_batch_size,
+            temperature=teacher.chat_temperature,
+            max_tokens=teacher.chat_max_tokens,
+            device=teacher.local_device,
+            stop=stop,
+        )
+    return endpoint_for(teacher, stop)
+
+
 def generate(
     contexts: Sequence[SymbolicContext],
     out_path: str | Path,
@@ -285,7 +309,7 @@ def generate(
     prompts_dir: str | Path = PROMPTS_DIR,
     progress: bool = True,
 ) -> ChatStats:
-    """Ask the endpoint for every (context, type) not yet finished; append samples to ``out_path``
+    """Ask the teacher's model for every (context, type) not yet finished; append samples to ``out_path``
     (JSONL) and failures to ``failures_path`` (default ``<out>.failures.jsonl``)."""
     start = time.monotonic()
     out_path = Path(out_path)
@@ -297,7 +321,7 @@ def generate(
         raise ValueError(f"chat teacher: image ids occur more than once among the contexts: {dupes[:5]}")
 
     stop = threading.Event()
-    endpoint = endpoint_for(teacher, stop)
+    endpoint = backend_for(teacher, stop)
     job = _Job(endpoint, prompts, teacher, image_prefix)
     todo, stats = _todo([(ctx, t) for ctx in contexts for t in types], job, out_path, failures_path, retry_failed)
     fatal: BaseException | None = None
@@ -320,7 +344,7 @@ def generate(
                 stats.failures += 1
                 log.warning("%s: recorded as a failure (%s: %s)", record["id"], record["reason"], record["error"])
 
-        results, workers = _ask_all(job, todo, teacher.chat_concurrency, stop)
+        results, workers = _ask_all(job, todo, endpoint.concurrency, stop)
         bar = tqdm(total=len(todo), disable=not progress, desc="chat teacher", unit="reply")
         try:
             for _ in range(len(todo)):

@@ -111,6 +111,8 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 class ChatEndpoint:
+    deterministic = False  # a server may answer the same request differently (batching, sampling)
+
     def __init__(
         self,
         base_url: str,
@@ -133,6 +135,7 @@ class ChatEndpoint:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
+        self.concurrency = concurrency
         self.temperature, self.max_tokens = temperature, max_tokens
         self.counts = RequestCounts()
         self.stop = stop or threading.Event()
@@ -204,7 +207,7 @@ class ChatEndpoint:
                 break
             delay = self._delay(attempt, retry_after)
             self.counts.retry(reason)
-            log.warning("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
+            log.info("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
             if self.stop.wait(delay):
                 raise EndpointError("stopped")
         if reason == "bad_body":

@@ -65,7 +65,8 @@ def build_split(
 
 
 def build_chat(layout: Layout, split: str, teacher_cfg, limit: int | None = None, progress: bool = True):
-    """Ask a chat endpoint for the paper's three types; appends to ``chat_<split>.jsonl``
-    (resumable: finished contexts are never asked again). Returns the run's statistics."""
+    """Ask a chat endpoint or a local chat model (``teacher_cfg.kind``) for the paper's three types;
+    appends to ``chat_<split>.jsonl`` (resumable: finished contexts are never asked again).
+    Returns the run's statistics."""
     contexts = load_contexts(layout.instances(split), layout.captions(split))[:limit]
     return chat.generate(contexts, layout.instruct / f"chat_{split}.jsonl", teacher_cfg, progress=progress)

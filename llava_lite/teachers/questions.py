@@ -4,9 +4,9 @@ They score stage 2 (``evaluate.py``) and, written as ``context -> question -> an
 the ``pretrain`` split, teach the tiny language model to read. Every answer follows from the
 objects' names and boxes through :mod:`llava_lite.facts`.
 
-Types: ``count``, ``colour``, ``shape``, ``position``, ``exist``, ``size``. Colour and shape
-questions need category names that carry a colour (the shapes world); the other types work on
-any COCO context.
+Types: ``count``, ``colour``, ``shape``, ``position``, ``exist``, ``size``: all of them in the
+shapes world; on a COCO context only ``count`` and ``exist``, the facts its names and boxes
+settle (:func:`llava_lite.facts.checkable_kinds`, which the offline judge checks by too).
 """
 
 from __future__ import annotations
@@ -147,11 +147,13 @@ MAKERS = {"count": _count, "colour": _colour, "shape": _shape, "position": _posi
 
 
 def exact_question(objs: list[Obj], rng: random.Random, qtype: str | None = None) -> ExactQA | None:
-    """One question of ``qtype`` (or of a random applicable type); ``None`` if none applies."""
+    """One question of ``qtype`` (or of a random applicable type); ``None`` if none applies, or if
+    the context cannot settle a fact of that type (a colour on a photo)."""
     if not objs:
         return None
     types = [qtype] if qtype else rng.sample(QTYPES, len(QTYPES))
-    for t in types:
+    settled = facts.checkable_kinds(objs)
+    for t in (t for t in types if t in settled):
         qa = MAKERS[t](objs, rng)
         if qa:
             return qa

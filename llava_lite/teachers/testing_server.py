@@ -63,8 +63,16 @@ def reply_for(rtype: str, context: str) -> str:
     things = ", ".join(names) if names else "nothing in particular"
     if rtype == "detail":
         return f"{captions[0] if captions else 'A picture.'} In the picture I can see: {things}."
-    pairs = [("What can you see in this image?", f"I can see: {things}.")]
-    if rtype == "conversation":
+    if rtype == "complex":
+        n = len(names)
+        pairs = [
+            (
+                "If one object were taken out of the picture, how many would be left?",
+                f"First I count the objects: {things}, which makes {n}. Taking one away leaves {max(n - 1, 0)}.",
+            )
+        ]
+    else:
+        pairs = [("What can you see in this image?", f"I can see: {things}.")]
         pairs.append(("How many objects are there?", f"There are {len(names)} objects."))
         pairs.append(("Can you sum the picture up in one sentence?", captions[0] if captions else "No."))
     return "\n".join(f"Question:\n{q}\n===\nAnswer:\n{a}\n===" for q, a in pairs)
