@@ -153,6 +153,9 @@ class TrainConfig:
     # under 0.4% of the run (stage 1: 0.08 s); larger presets have slower steps in proportion
     save_every: int = 250
     keep_checkpoints: int = 2
+    # stop after this step with a checkpoint, as Ctrl-C would (0: run to the end); not part of the
+    # run's settings, so the same run started again without it resumes there and finishes
+    stop_at: int = 0
 
 
 @dataclass

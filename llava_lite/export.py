@@ -369,7 +369,7 @@ def export(
     the card, besides the ``exact_*.json`` files found in the checkpoint."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if checkpoint is None:
-        checkpoint = latest_checkpoint(run_dir(Layout.for_preset(preset.name), 2))
+        checkpoint = latest_checkpoint(run_dir(Layout.for_preset(preset.name), 2, preset=preset))
         if checkpoint is None:
             raise FileNotFoundError(f"no stage-2 checkpoint for preset {preset.name!r}; pass --checkpoint")
     checkpoint, out = Path(checkpoint), Path(out)

@@ -279,9 +279,10 @@ def checkpoint_answers(
     """The bench of a preset's ``split`` and a trained model's answers to it (default: the latest
     stage-2 checkpoint), features from the split's cache (extracted when missing)."""
     preset, layout = get_preset(preset_name), Layout.for_preset(preset_name)
-    ckpt = checkpoint or latest_checkpoint(stages.run_dir(layout, 2))
+    run = stages.run_dir(layout, 2, preset=preset)
+    ckpt = checkpoint or latest_checkpoint(run)
     if ckpt is None:
-        raise FileNotFoundError(f"no stage-2 checkpoint under {stages.run_dir(layout, 2)}; pass --checkpoint")
+        raise FileNotFoundError(f"no stage-2 checkpoint under {run}; pass --checkpoint")
     if not layout.instances(split).exists():
         raise FileNotFoundError(
             f"{layout.instances(split)}: no {split} split (run `llava-lite world --preset {preset_name}`)"

@@ -20,6 +20,7 @@ class Estimate:
     optimizer: float
     activations: float
     free: float | None
+    trainable: int = 0  # parameters that train
 
     @property
     def total(self) -> float:
@@ -38,6 +39,8 @@ class Estimate:
 
 
 def free_memory(device: torch.device) -> float | None:
+    if device.type == "meta":  # an estimate from shapes alone, for no device in particular
+        return None
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
     return float(psutil.virtual_memory().available)
@@ -69,7 +72,8 @@ def estimate(
     per_layer = s * b * h * (34 + 5 * heads * s / max(1, h)) * width / 2
     acts = (2 * s * b * h * width * layers) if gradient_checkpointing else per_layer * layers
     acts += s * b * vocab * 4 * 2  # logits in fp32 and their gradient
-    return Estimate(float(weights), float(grads), float(optim), float(acts), free_memory(device or torch.device("cpu")))
+    free = free_memory(device or torch.device("cpu"))
+    return Estimate(float(weights), float(grads), float(optim), float(acts), free, trainable)
 
 
 def check(model, batch_size: int, seq_len: int, precision: str, gradient_checkpointing: bool, device) -> Estimate:

@@ -509,9 +509,10 @@ def train_run(
     data = Path(data) if data else layout.scienceqa
     check_world(data, layout)
     problems = read_split(data, "train")
-    ckpt = stage1 or latest_checkpoint(stages.run_dir(layout, 1))
+    run1 = stages.run_dir(layout, 1, preset=preset)
+    ckpt = stage1 or latest_checkpoint(run1)
     if ckpt is None:
-        raise FileNotFoundError(f"no stage-1 checkpoint in {stages.run_dir(layout, 1)}: train stage 1 first")
+        raise FileNotFoundError(f"no stage-1 checkpoint in {run1}: train stage 1 first")
     acc = make_accelerator(preset.stage2.precision)
     tower = stages.load_vision(preset.vision)
     with acc.main_process_first():

@@ -2,9 +2,12 @@
 / ``llava-lite evaluate`` call. Each function is a few lines over the modules that do the work.
 
     load_language / load_vision      the pretrained parts (shipped tiny ones, or hub/open_clip names)
+    language_shape / vision_shape    the parts' shapes from their configs alone
+    memory_estimate                  a preset's training memory from those shapes (meta device)
     build_llava                      vision width -> projector -> LM, with <image> in the tokenizer
     split_features                   the feature cache of a split (extracted when missing)
     stage_samples / stage_examples   a split's LLaVA samples of a stage -> tokenised examples
+    run_key / run_dir                a run's folder, named by the settings it depends on
     run_stage                        stage 1 or 2 through the one training loop
     prepare_stage2                   the stage-1 projector in place, LoRA adapters when asked
     load_stage                       a trained stage back from its checkpoint
@@ -21,19 +24,21 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import features as fc
-from . import hub, io
-from .config import LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
+from . import hub, io, memory
+from .config import PRESETS, LanguageConfig, LlavaConfig, Preset, VisionConfig, get_preset
 from .conversation import get_template
 from .data import Collator, encode_samples
 from .evaluate import ask_llava, blind_samples, exact_items, records, save, score
 from .model import LlavaLite, add_image_token, apply_lora
 from .paths import PRETRAINED_DIR, Layout
-from .train import latest_checkpoint, load_trained, make_accelerator, train
+from .train import NOT_COMPARED, latest_checkpoint, load_trained, make_accelerator, set_trainable, train
+from .vision import SHIPPED as SHIPPED_TOWERS
 from .vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,61 @@ def lm_fingerprint(lm) -> str:
     return hashlib.sha1(f"{tuple(w.shape)}".encode() + sample.numpy().tobytes()).hexdigest()[:16]
 
 
+# the presets' hub language models as their config.json describes them: the memory estimate of a
+# preset is made from these shapes before anything is downloaded (a cached config.json wins)
+LM_SHAPES = {
+    "HuggingFaceTB/SmolLM2-360M-Instruct": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 960,
+        "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+        "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-1.5B-Instruct": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536,
+        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "tie_word_embeddings": True},
+}  # fmt: skip
+
+
+def language_shape(name: str):
+    """A language model's config (its shapes, no weights): the shipped or local folder's, the
+    Hugging Face cache's, else the one :data:`LM_SHAPES` records."""
+    folder = PRETRAINED_DIR / name if (PRETRAINED_DIR / name).is_dir() else Path(name)
+    cached = folder / "config.json" if folder.is_dir() else hub.cached_file(name, ["config.json"])
+    if cached is not None and Path(cached).is_file():
+        return AutoConfig.from_pretrained(Path(cached).parent)
+    if name not in LM_SHAPES:
+        raise FileNotFoundError(f"{name}: no config.json in a folder or the cache, and no recorded shape")
+    shape = dict(LM_SHAPES[name])
+    return AutoConfig.for_model(shape.pop("model_type"), **shape)
+
+
+def vision_shape(cfg: VisionConfig) -> tuple[int, int]:
+    """``(width, tokens per image)`` of a vision tower from its open_clip config alone."""
+    folder = SHIPPED_TOWERS.get(cfg.encoder, Path(cfg.encoder))
+    if folder.is_dir():
+        vision = io.read_json(folder / "open_clip_config.json")["model_cfg"]["vision_cfg"]
+    else:
+        vision = open_clip.get_model_config(cfg.encoder)["vision_cfg"]
+    return vision["width"], (vision["image_size"] // vision["patch_size"]) ** 2 + int(cfg.keep_cls)
+
+
+def memory_estimate(preset: Preset, stage: int, lora: bool | None = None) -> memory.Estimate:
+    """The memory a stage of ``preset`` needs per device (:func:`llava_lite.memory.estimate`), from
+    the shapes alone: the model is built on PyTorch's meta device, so a ``colab`` or ``full`` preset
+    is estimated on any machine, with nothing downloaded or allocated (``lora``: default the preset's;
+    precision ``auto`` is counted as fp32, what a CPU trains in)."""
+    lm_cfg = language_shape(preset.language.name)
+    width, tokens = vision_shape(preset.vision)
+    train_cfg = preset.stage1 if stage == 1 else preset.stage2
+    config = LlavaConfig("shapes", width, tokens, preset.language.name, lm_cfg.hidden_size, preset.model.projector_type)
+    with torch.device("meta"):
+        model = LlavaLite(config, AutoModelForCausalLM.from_config(lm_cfg, dtype=DTYPES[preset.language.dtype]))
+        if stage == 2 and (preset.model.lora if lora is None else lora):
+            apply_lora(model, r=preset.model.lora_r, alpha=preset.model.lora_alpha)
+    set_trainable(model, stage)
+    micro = train_cfg.batch_size // train_cfg.grad_accum
+    precision = "fp32" if train_cfg.precision == "auto" else train_cfg.precision
+    meta = torch.device("meta")
+    return memory.estimate(model, micro, preset.model.max_len, precision, train_cfg.gradient_checkpointing, meta)
+
+
 def build_llava(preset: Preset, lm, tokenizer, tower, with_tower: bool = False, seed: int | None = None) -> LlavaLite:
     """A fresh LLaVA over ``lm`` and ``tower``'s features; its untrained projector is drawn from
     ``seed`` (default: the stage-1 seed), so the same preset always starts from the same weights."""
@@ -157,14 +217,49 @@ def stage_examples(preset: Preset, tokenizer, samples: list[dict], stage: int, n
     return template, examples, stats
 
 
-def run_dir(layout: Layout, stage: int, tag: str = "") -> Path:
-    return layout.checkpoints / f"stage{stage}{'-' + tag if tag else ''}"
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in text).strip("-")
+
+
+def run_key(preset: Preset, stage: int) -> str:
+    """What a stage's run depends on, where it differs from the named preset's defaults: the
+    vision encoder, its layer and CLS choice, the projector, the language model and the templates
+    (stage 2 depends on stage 1's too). ``""`` for the preset as shipped, so its runs keep the plain
+    folder names; ``"layer-1-linear"`` for a linear projector over the last layer."""
+    base = PRESETS[preset.name]() if preset.name in PRESETS else Preset(name=preset.name)
+    v, b = preset.vision, base.vision
+    parts = []
+    if (v.encoder, v.pretrained) != (b.encoder, b.pretrained):
+        parts.append(_slug(f"{Path(v.encoder).name}-{v.pretrained or 'local'}"))
+    if v.layer != b.layer:
+        parts.append(f"layer{v.layer}")
+    if v.keep_cls != b.keep_cls:
+        parts.append("cls" if v.keep_cls else "nocls")
+    if preset.model.projector_type != base.model.projector_type:
+        parts.append(preset.model.projector_type)
+    if preset.language.name != base.language.name:
+        digest = hashlib.sha1(preset.language.name.encode()).hexdigest()[:6]
+        parts.append(f"lm-{_slug(Path(preset.language.name).name)}-{digest}")
+    if preset.model.stage1_template != base.model.stage1_template:
+        parts.append(f"{'' if stage == 1 else 's1'}{preset.model.stage1_template}")
+    if stage == 2 and preset.model.stage2_template != base.model.stage2_template:
+        parts.append(preset.model.stage2_template)
+    return "-".join(parts)
+
+
+def run_dir(layout: Layout, stage: int, tag: str = "", preset: Preset | None = None) -> Path:
+    """The run folder of a stage: ``checkpoints/stage<N>[-<settings>][-<tag>]``. With ``preset``,
+    the settings it changes (:func:`run_key`) name the folder, so a run with a linear projector or
+    another layer lives beside the default one and is found again by the same settings."""
+    name = "-".join(p for p in (f"stage{stage}", run_key(preset, stage) if preset else "", tag) if p)
+    return layout.checkpoints / name
 
 
 def run_fingerprint(cfg, model: LlavaLite, samples: list[dict]) -> str:
     """What makes two runs the same run: the stage's settings, the samples, the model it starts
-    from (its config, its projector's weights, LoRA or not)."""
-    h = hashlib.sha1(json.dumps([asdict(cfg), samples, asdict(model.config)], sort_keys=True, default=str).encode())
+    from (its config, its projector's weights, LoRA or not); how it logs, saves or pauses is not."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED}
+    h = hashlib.sha1(json.dumps([settings, samples, asdict(model.config)], sort_keys=True, default=str).encode())
     h.update(str(any("lora_" in n for n, _ in model.named_parameters())).encode())
     for name, p in sorted(model.projector.state_dict().items()):
         h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
@@ -256,7 +351,7 @@ def load_stage(preset: Preset, checkpoint: Path, tower=None):
 
 
 def train_stage(
-    preset_name: str,
+    preset_name: str | Preset,
     stage: int,
     out: Path | None = None,
     stage1: Path | None = None,
@@ -268,22 +363,24 @@ def train_stage(
 ) -> dict:
     """What ``llava-lite train`` runs: stage 1 or 2 of a preset on its ``train`` split, in one process
     or as one of several (``torchrun``, ``accelerate launch``); ``overrides`` replace the stage's
-    settings (``max_steps``, ``lr``, ``lm_lr``, ``batch_size``)."""
-    preset = get_preset(preset_name)
-    layout = Layout.for_preset(preset_name)
+    settings (``max_steps``, ``lr``, ``lm_lr``, ``batch_size``). ``preset_name``: a preset's name or a
+    changed preset (another layer, projector or LM), whose runs live in folders of their own."""
+    preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name)
+    layout = Layout.for_preset(preset.name)
     acc = make_accelerator((preset.stage1 if stage == 1 else preset.stage2).precision)
     tower = load_vision(preset.vision)
     with acc.main_process_first():
         feats = None if blind else split_features(layout, "train", tower, progress=acc.is_main_process)
     lm, tokenizer = load_language(preset.language)
     model = build_llava(preset, lm, tokenizer, tower, seed=seed)
-    out = out or run_dir(layout, stage, "blind" if blind else "")
+    out = out or run_dir(layout, stage, "blind" if blind else "", preset)
     samples = stage_samples(layout, "train", stage)
     if stage == 2:
-        ckpt = stage1 or latest_checkpoint(run_dir(layout, 1))
+        ckpt = stage1 or latest_checkpoint(run_dir(layout, 1, preset=preset))
         if ckpt is None and not blind:
             raise FileNotFoundError(
-                f"no stage-1 checkpoint under {run_dir(layout, 1)}: run `llava-lite train --stage 1` first"
+                f"no stage-1 checkpoint under {run_dir(layout, 1, preset=preset)}: "
+                "run `llava-lite train --stage 1` first"
             )
         prepare_stage2(preset, model, None if blind else ckpt, lora, seed)
         samples = blind_samples(samples) if blind else samples
@@ -293,7 +390,7 @@ def train_stage(
 
 
 def evaluate_checkpoint(
-    preset_name: str,
+    preset_name: str | Preset,
     checkpoint: Path | None = None,
     split: str = "test",
     out: Path | None = None,
@@ -301,14 +398,13 @@ def evaluate_checkpoint(
 ) -> dict:
     """What ``llava-lite evaluate`` runs: the exact-answer score of a trained model on ``split``,
     its per-question records written beside the checkpoint (or to ``out``); ``blind``: a model
-    trained without image tokens, asked without them."""
-    preset = get_preset(preset_name)
-    layout = Layout.for_preset(preset_name)
-    ckpt = checkpoint or latest_checkpoint(run_dir(layout, 2, "blind" if blind else ""))
+    trained without image tokens, asked without them. ``preset_name``: a name or a changed preset."""
+    preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name)
+    layout = Layout.for_preset(preset.name)
+    run = run_dir(layout, 2, "blind" if blind else "", preset)
+    ckpt = checkpoint or latest_checkpoint(run)
     if ckpt is None:
-        raise FileNotFoundError(
-            f"no stage-2 checkpoint under {run_dir(layout, 2, 'blind' if blind else '')}; pass --checkpoint"
-        )
+        raise FileNotFoundError(f"no stage-2 checkpoint under {run}; pass --checkpoint")
     tower = load_vision(preset.vision)
     model, tokenizer = load_stage(preset, ckpt, tower)
     items = exact_items(io.read_json(layout.instruct / f"{split}.json"))

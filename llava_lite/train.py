@@ -113,7 +113,7 @@ def make_accelerator(precision: str = "auto"):
 
 # ------------------------------------------------------------------ checkpoints
 # how a run reports and how often it saves; a run resumes under other values of these
-NOT_COMPARED = ("log_every", "save_every", "keep_checkpoints")
+NOT_COMPARED = ("log_every", "save_every", "keep_checkpoints", "stop_at")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -428,7 +428,7 @@ def train(
     plans: dict[int, list[list[int]]] = {}
     hide = not progress or rank != 0
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {cfg.stage}", disable=hide)
-    t0, seen, last = time.perf_counter(), 0, {}
+    t0, seen, last, done = time.perf_counter(), 0, {}, start
     pad_batches: list[list[int]] = []
     scaler = accelerator.scaler
 
@@ -440,6 +440,9 @@ def train(
     model.train()
     with _CtrlC() as ctrl_c:
         for step in bar:
+            if cfg.stop_at and step >= cfg.stop_at:  # paused there (stop_at); the same run started again goes on
+                log.info("stopped after step %d of %d (stop_at); start the same run again to go on", step, total)
+                break
             epoch, k = divmod(step, per_epoch)
             if epoch not in plans:
                 plans = {epoch: plan_batches(lengths, cfg.batch_size, epoch, cfg.seed, cfg.group_by_length)}
@@ -457,7 +460,7 @@ def train(
             step_loss = accelerator.reduce(step_loss, reduction="sum") / max(1, n_tokens)
             seen += len(global_batch)
             done = step + 1
-            if done % cfg.log_every == 0 or done == total or done == start + 1:
+            if done % cfg.log_every == 0 or done in (total, start + 1, cfg.stop_at):
                 dt = time.perf_counter() - t0
                 lr = optimizer.param_groups[0]["lr"]
                 last = {"step": done, "loss": round(step_loss.item(), 5), "lr": lr,
@@ -469,7 +472,7 @@ def train(
             stop = ctrl_c.asked
             if world > 1:  # every process stops at the same step
                 stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum").item())
-            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop:
+            if (cfg.save_every and done % cfg.save_every == 0) or done in (total, cfg.stop_at) or stop:
                 ckpt = save(done)
             accelerator.wait_for_everyone()
             if stop and done < total:
@@ -478,7 +481,8 @@ def train(
                     f"stopped by Ctrl-C after step {done} of {total}; checkpoint {ckpt or out_dir}; "
                     "run again with resume to go on"
                 )
-    summary = {"steps": total, "started_at": start, "seconds": round(time.perf_counter() - t0, 2), "last": last,
+    summary = {"steps": total, "started_at": start, "stopped_at": done if done < total else None,
+               "seconds": round(time.perf_counter() - t0, 2), "last": last,
                "padding_share": round(padding_share(pad_batches, lengths), 4) if pad_batches else None,
                "trainable_parameters": raw.trainable_parameters(), "processes": world, "precision": precision,
                "memory_estimate_gib": round(est.total / 2**30, 3), "run": run}  # fmt: skip

@@ -244,3 +244,25 @@ def plot_seed_bars(
         ax.set_title("paper (ScienceQA %)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_type_scores(results: dict[str, dict], chance: dict[str, float] | None = None, title: str = ""):
+    """Accuracy per question type, one bar per row of ``results`` (``{name: evaluate.score(...)}``),
+    and ``chance`` (per type, e.g. :func:`llava_lite.evaluate.guess_chance`) as a dashed mark across
+    each type's bars: what guessing among the answers a question offers would score there."""
+    types = list(next(iter(results.values()))["accuracy"])
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(types)), 3.6))
+    for i, (name, res) in enumerate(results.items()):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(types))]
+        ax.bar(xs, [res["accuracy"].get(t, 0.0) for t in types], width, label=name)
+    for j, t in enumerate(types):
+        if chance and t in chance:
+            ax.hlines(
+                chance[t], j - 0.45, j + 0.45, colors="black", linestyles="--", label="guessing" if j == 0 else None
+            )
+    ax.set_xticks(range(len(types)), types)
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,7 @@
 """The two training stages put together for a preset: the same start for the same seed, stage 2
 prepared from stage 1, QLoRA's refusal without a GPU, and two processes that train as one."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -13,10 +14,10 @@ from accelerate.commands.config.config_args import ClusterConfig
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llava_lite import stages
+from llava_lite import memory, stages
 from llava_lite.config import LanguageConfig, get_preset
-from llava_lite.paths import PACKAGE_DIR
-from llava_lite.train import latest_checkpoint, read_metrics
+from llava_lite.paths import PACKAGE_DIR, Layout
+from llava_lite.train import latest_checkpoint, read_metrics, set_trainable
 
 from llava_fixtures import fake_features, tiny_llava, world_samples
 
@@ -199,3 +200,41 @@ def test_launch_configs_parse_as_accelerate_configs():
     assert str(zero2.distributed_type).endswith("DEEPSPEED") and zero2.deepspeed_config["zero_stage"] == 2
     ddp = ClusterConfig.from_yaml_file(folder / "ddp_multi_gpu.yaml")
     assert str(ddp.distributed_type).endswith("MULTI_GPU") and not ddp.use_cpu
+
+
+def test_run_dir_names_the_settings_a_run_depends_on_and_keeps_the_presets_own_folders(tmp_path):
+    layout = Layout(tmp_path)
+    tiny = get_preset("tiny")
+    assert stages.run_dir(layout, 1) == stages.run_dir(layout, 1, preset=tiny) == tmp_path / "checkpoints" / "stage1"
+    assert stages.run_dir(layout, 2, "lora", preset=tiny).name == "stage2-lora"
+    assert stages.run_dir(layout, 1, preset=get_preset("colab")).name == "stage1"  # against its own defaults
+    changed = get_preset("tiny")
+    changed.vision.layer, changed.model.projector_type = -1, "linear"
+    assert stages.run_key(changed, 1) == "layer-1-linear"
+    assert stages.run_dir(layout, 1, preset=changed).name == "stage1-layer-1-linear"
+    assert stages.run_dir(layout, 2, "blind", preset=changed).name == "stage2-layer-1-linear-blind"
+    other = get_preset("tiny")
+    other.vision.keep_cls, other.language.name, other.model.stage1_template = True, "/models/my-lm", "plain"
+    digest = hashlib.sha1(b"/models/my-lm").hexdigest()[:6]
+    assert stages.run_key(other, 1) == f"cls-lm-my-lm-{digest}-plain"
+    assert stages.run_key(other, 2) == f"cls-lm-my-lm-{digest}-s1plain"  # stage 2 starts from that stage 1
+    clip = get_preset("tiny")
+    clip.vision.encoder, clip.vision.pretrained = "ViT-B-16", "openai"
+    assert stages.run_key(clip, 1) == "ViT-B-16-openai"
+
+
+def test_a_presets_memory_is_estimated_from_its_shapes_as_the_loaded_model_is():
+    tiny = get_preset("tiny")
+    lm, tokenizer = stages.load_language(tiny.language)
+    model = stages.build_llava(tiny, lm, tokenizer, stages.load_vision(tiny.vision))
+    set_trainable(model, 2)
+    loaded = memory.estimate(model, tiny.stage2.batch_size // tiny.stage2.grad_accum, tiny.model.max_len)
+    shapes = stages.memory_estimate(tiny, 2, lora=False)
+    assert (shapes.total, shapes.trainable, shapes.free) == (loaded.total, model.trainable_parameters(), None)
+    colab = stages.memory_estimate(get_preset("colab"), 1)  # SmolLM2-360M and ViT-B/16, nothing downloaded
+    projector = 768 * 960 + 960 + 960 * 960 + 960
+    layer = 2 * 960 * 960 + 2 * 960 * 320 + 3 * 960 * 2560 + 2 * 960  # attention (5 of 15 heads for k, v), MLP, norms
+    lm_params = 49152 * 960 + 32 * layer + 960  # tied embeddings, 32 layers, the last norm
+    assert (colab.trainable, colab.weights) == (projector, 4 * (lm_params + projector))
+    lora = 64 * (2 * (960 + 960) + 2 * (960 + 320) + 3 * (960 + 2560))  # r 64 beside each linear of a layer
+    assert stages.memory_estimate(get_preset("colab"), 2).trainable == 32 * lora + projector

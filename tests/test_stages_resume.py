@@ -3,11 +3,12 @@ when the folder holds this same run, and starts afresh (clearing the other run's
 anything that makes the run differs."""
 
 import pytest
+import torch
 
 from llava_lite import stages
 from llava_lite.config import get_preset
 from llava_lite.paths import Layout
-from llava_lite.train import latest_checkpoint
+from llava_lite.train import latest_checkpoint, read_metrics
 
 from llava_fixtures import fake_features, tiny_llava, world_samples
 
@@ -64,3 +65,22 @@ def test_a_run_with_other_settings_or_data_starts_afresh_and_never_resumes_the_o
     assert fewer["started_at"] == 0  # other samples: another run
     forced = stages.run_stage(preset, tiny_llava(tok), tok, fake_features, 1, _samples(), run, resume=False, **other)
     assert forced["started_at"] == 0
+
+
+def test_a_run_paused_with_stop_at_goes_on_when_started_again_and_ends_as_an_unbroken_run(tok, tmp_path):
+    preset = get_preset("tiny")
+    whole = tiny_llava(tok)
+    stages.run_stage(preset, whole, tok, fake_features, 1, _samples(), tmp_path / "whole", **ARGS)
+    paused = tiny_llava(tok)
+    first = stages.run_stage(preset, paused, tok, fake_features, 1, _samples(), tmp_path / "paused", stop_at=3, **ARGS)
+    assert first["stopped_at"] == 3 and latest_checkpoint(tmp_path / "paused").name == "checkpoint-3"
+    rerun = stages.run_stage(
+        preset, tiny_llava(tok), tok, fake_features, 1, _samples(), tmp_path / "paused", stop_at=3, **ARGS
+    )
+    assert (rerun["started_at"], rerun["stopped_at"]) == (3, 3)  # already there: no step more
+    assert [m["step"] for m in read_metrics(tmp_path / "paused")][-1] == 3
+    again = tiny_llava(tok)  # a fresh model, as a notebook run again from the top builds it
+    rest = stages.run_stage(preset, again, tok, fake_features, 1, _samples(), tmp_path / "paused", **ARGS)
+    assert (rest["started_at"], rest["stopped_at"], rest["steps"]) == (3, None, 6)
+    for (name, p), (_, q) in zip(whole.projector.named_parameters(), again.projector.named_parameters()):
+        assert torch.equal(p, q), name

@@ -36,3 +36,20 @@ def test_patch_pca_draws_the_patch_grid_on_both_rows_and_wraps_long_titles_whole
     assert len(image_ax.lines) == len(map_ax.lines) == 2 * 3  # 3 inner vertical + 3 horizontal lines
     assert sorted({round(x, 6) for line in image_ax.lines for x in line.get_xdata()}) == [0.0, 1.0, 8.0, 16.0, 24.0]
     assert image_ax.get_title().replace("\n", " ") == title and "\n" in image_ax.get_title()
+
+
+def test_type_scores_draw_a_bar_per_row_and_type_and_guessing_across_each_type():
+    results = {
+        "llava": {"accuracy": {"count": 0.8, "position": 0.5}},
+        "reader": {"accuracy": {"count": 1.0, "position": 0.66}},
+    }
+    fig = viz.plot_type_scores(results, {"count": 0.25, "position": 0.5})
+    (ax,) = fig.axes
+    assert [round(b.get_height(), 6) for b in ax.patches] == [0.8, 0.5, 1.0, 0.66]
+    segments = [seg for marks in ax.collections for seg in marks.get_segments()]  # a dashed segment per type
+    assert [[(round(x, 6), round(y, 6)) for x, y in seg] for seg in segments] == [
+        [(-0.45, 0.25), (0.45, 0.25)],
+        [(0.55, 0.5), (1.45, 0.5)],
+    ]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["count", "position"]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"llava", "reader", "guessing"}
