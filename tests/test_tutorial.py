@@ -15,10 +15,10 @@ import pytest
 from llava_lite import io, jsonl, tutorial
 
 NOTEBOOK = tutorial.NOTEBOOK_DIR / "03_stage1_alignment.ipynb"
-SAVE_EVERY = 250  # the tiny preset's stage-1 checkpoint interval (the notebook does not change it)
+SAVE_EVERY = 20  # the notebook's save_every: the first checkpoint comes early, the run goes on well after it
 RUN = ["-c", "import sys; from pathlib import Path; from llava_lite import tutorial; "
        "tutorial.run_notebook(Path(sys.argv[1]), Path(sys.argv[2]), {'max_steps': int(sys.argv[3]), 'n_show': 1, "
-       "'splits': {'pretrain': 24, 'test': 8, 'train': 48, 'val': 8}})"]  # fmt: skip
+       f"'save_every': {SAVE_EVERY}, 'splits': {{'pretrain': 24, 'test': 8, 'train': 48, 'val': 8}}}})"]  # fmt: skip
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -32,12 +32,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.mark.slow  # ~3 min on 2 busy cores: 250 steps before the first checkpoint (see SAVE_EVERY)
+@pytest.mark.slow  # two notebook runs of a few hundred tiny steps
 def test_a_notebook_killed_mid_training_and_run_again_resumes_from_its_checkpoint(tmp_path):
     home = tmp_path / "drive"  # LLAVA_LITE_HOME: a Drive folder on Colab
     env = {k: v for k, v in os.environ.items() if k != "LLAVA_LITE_OUTPUTS"}
     env.update(LLAVA_LITE_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    steps = SAVE_EVERY + 10
+    steps = 10 * SAVE_EVERY  # long enough after the first checkpoint to be killed before the end
     run_dir = home / "outputs" / "tiny" / "checkpoints" / "stage1"
     cmd = [sys.executable, *RUN, str(NOTEBOOK), str(tmp_path / "executed"), str(steps)]
 
