@@ -102,6 +102,9 @@ def test_notebook_runs_at_smoke_size_twice_in_one_kernel_quietly_and_passes_nbva
         if o.get("output_type") == "error"
     ]
     assert not errors
+    solutions = [c for c in nb["cells"] if "solution" in c.get("metadata", {}).get("tags", [])]
+    assert solutions, f"{path.name}: no exercise solution runs (code cells tagged 'solution')"
+    assert all(c["execution_count"] for c in solutions), f"{path.name}: a solution cell did not run"
     noise = [(i, line[:160]) for i, line in _output_lines(nb) if NOISE.search(line)]
     assert not noise, f"{path.name}: third-party warnings or progress bars in the outputs: {noise}"
     ini = outputs_dir / "nbval.ini"
