@@ -59,7 +59,7 @@ ROWS = (
     Row("answer first", answer_format="answer-first", paper=89.77, changes="the answer before its reasoning"),
 )
 DOCS_RESULTS = REPO_DIR / "docs" / "ablations.jsonl"  # the full-size results, committed beside docs/ablations.md
-PAPER_NOTE = "paper: ScienceQA accuracy of LLaVA (Vicuna-13B), Table 8; the linear row has no paper figure"
+PAPER_NOTE = "ScienceQA accuracy of LLaVA (Vicuna-13B), Table 8; the linear row has no paper figure"
 
 
 def row_named(name: str) -> Row:
