@@ -76,7 +76,8 @@ def test_text_only_accuracy_asks_in_the_layout_the_tokenizer_records(heldout_con
     model, tokenizer = load_tiny_lm(SHIPPED)
     contexts = heldout_contexts(12, seed=2)
     m = text_only_accuracy(model, tokenizer, contexts, per_scene=3)
-    assert set(m) == {"overall", "questions", "scenes", "accuracy", "baseline", "count", "examples"}
+    assert set(m) == {"overall", "questions", "scenes", "accuracy", "baseline", "count", "examples", "not_asked"}
+    assert not set(m["not_asked"]) & set(m["accuracy"])  # a type is scored or named as never asked
     assert m["scenes"] == 12 and m["questions"] == sum(m["count"].values()) == 36
     assert set(m["accuracy"]) == set(m["baseline"]) == set(m["count"])
     assert reading_layout(tokenizer) == "sized"
