@@ -69,7 +69,8 @@ class LocalChatModel:
         self.tokenizer.padding_side = "left"  # every prompt ends where its reply begins
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+        with hub.quiet_loading():
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
         self.name, self.batch_size, self.concurrency = model, batch_size, batch_size
         self.temperature, self.max_tokens = temperature, max_tokens
         self.deterministic = not temperature  # greedy: asking again gives the same reply
