@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llava_lite import ablate, jsonl
+from llava_lite import ablate, jsonl, stages
 from llava_lite.cli import main
 from llava_lite.config import get_preset
 from llava_lite.paths import Layout
@@ -33,7 +33,11 @@ def test_a_row_changes_only_what_it_names():
     linear = ablate.row_preset(tiny, ablate.row_named("linear projector"))
     assert last.vision.layer == -1 and last.model == tiny.model and tiny.vision.layer == -2
     assert linear.model.projector_type == "linear" and linear.vision == tiny.vision
-    assert tiny.model.projector_type == "mlp2x_gelu"  # the preset itself is untouched
+    smaller = ablate.row_preset(tiny, ablate.row_named("smaller LM"))
+    assert smaller.language.name == "tiny-lm-small" and smaller.language != tiny.language
+    assert (smaller.vision, smaller.model) == (tiny.vision, tiny.model)
+    assert stages.run_key(smaller, 2).startswith("lm-tiny-lm-small-")  # its stage runs never reuse the baseline's
+    assert tiny.model.projector_type == "mlp2x_gelu" and tiny.language.name == "tiny-lm"  # the preset is untouched
     with pytest.raises(ValueError, match="no ablation row 'bigger'"):
         ablate.row_named("bigger")
 

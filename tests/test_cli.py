@@ -121,6 +121,12 @@ def test_the_tiny_lm_cards_command_parses_to_the_settings_its_metrics_record():
     assert args.func and args.eval_split == "test" and args.out == "A"
 
 
+def test_the_smaller_tiny_lm_cards_command_parses_to_the_settings_its_metrics_record():
+    argv = _card_command("tiny-lm-small", "lm")
+    _check_against_card(argv, "tiny-lm-small", LM_CONFIGS)
+    assert cli.build_parser().parse_args(argv).lm_layers == 2
+
+
 def test_the_tiny_clip_cards_command_parses_to_the_settings_its_metrics_record():
     argv = _card_command("tiny-clip", "clip", after="# C2")
     parsed = _check_against_card(argv, "tiny-clip", CLIP_CONFIGS, skip=("init",))  # a folder of the lab's machine

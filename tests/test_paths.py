@@ -34,6 +34,12 @@ def test_a_checkout_reads_its_shipped_files_from_data():
     assert (paths.PROMPTS_DIR / "detail" / "instructions.txt").is_file()
 
 
+def test_the_shipped_backbones_stay_within_the_25_mb_budget():
+    files = [p for p in paths.PRETRAINED_DIR.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 25 * 10**6, f"data/pretrained holds {total / 1e6:.1f} MB in {len(files)} files (budget 25 MB)"
+
+
 def _build_wheel(dest: Path) -> Path:
     """Build from a copy of the sources, so the build leaves nothing in the checkout."""
     src = dest / "src"

@@ -24,6 +24,7 @@ import kill_jobs  # noqa: E402
 import kill_worker  # noqa: E402
 
 SHIPPED = PRETRAINED_DIR / "tiny-lm"
+SHIPPED_SMALL = PRETRAINED_DIR / "tiny-lm-small"  # the ablation's smaller LM: the same recipe, 2 layers
 SMALL = LMArchitecture(lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64)
 
 
@@ -64,12 +65,34 @@ def test_shipped_tiny_lm_meets_the_reading_target(shipped_lm_measured):
     assert m["accuracy"]["position"] >= 0.5 + 0.15, f"position {m['accuracy']['position']:.3f}: near the 0.5 of a guess"
 
 
-def test_shipped_tiny_lm_files_are_safetensors_and_small():
-    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED_SMALL], ids=lambda p: p.name)
+def test_shipped_tiny_lm_files_are_safetensors_and_small(folder):
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files and "config.json" in files, sorted(files)
     assert sum(files.values()) < 12 * 2**20, files
-    metrics = json.loads((SHIPPED / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
     assert set(metrics["text_only"]["accuracy"]) == {"count", "colour", "shape", "position", "exist", "size"}
+
+
+def test_the_smaller_lm_is_the_shipped_recipe_at_half_the_depth_with_the_same_tokenizer():
+    big, small = (json.loads((f / "metrics.json").read_text())["config"] for f in (SHIPPED, SHIPPED_SMALL))
+    assert (big["lm_layers"], small["lm_layers"]) == (4, 2)
+    differs = {k for k in big.keys() & small.keys() if big[k] != small[k]}  # settings both record
+    assert differs <= {"lm_layers", "device", "threads", "workers", "eval_every", "checkpoint_every"}, differs
+    # the same tokens, so the instruction data and the image-token id of stage 2 are the same for both
+    assert (SHIPPED / "tokenizer.json").read_bytes() == (SHIPPED_SMALL / "tokenizer.json").read_bytes()
+    n = {f.name: json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (SHIPPED, SHIPPED_SMALL)}
+    assert n == {"tiny-lm": 4, "tiny-lm-small": 2}
+
+
+@pytest.mark.slow
+def test_the_smaller_lm_answers_from_held_out_contexts_as_its_card_says(heldout_contexts):
+    torch.set_num_threads(2)
+    model, tokenizer = load_tiny_lm(SHIPPED_SMALL)
+    card = json.loads((SHIPPED_SMALL / "metrics.json").read_text())
+    m = text_only_accuracy(model, tokenizer, heldout_contexts(250), per_scene=4)
+    assert m["questions"] > 800, m["questions"]
+    assert m["overall"] >= card["text_only"]["overall"] - 0.06, (m["overall"], card["text_only"]["overall"])
 
 
 def test_text_only_accuracy_asks_in_the_layout_the_tokenizer_records(heldout_contexts):
