@@ -64,11 +64,15 @@ ROWS = (
         "smaller LM",
         lm="tiny-lm-small",
         paper=89.84,
-        changes="a language model of 2 layers instead of 4 (0.49M parameters instead of 0.92M; the paper: 7B instead of 13B)",
+        changes="a language model of 2 layers instead of 4 (0.49M parameters instead of 0.92M; "
+        "the paper: 7B instead of 13B)",
     ),
 )
 DOCS_RESULTS = REPO_DIR / "docs" / "ablations.jsonl"  # the full-size results, committed beside docs/ablations.md
-PAPER_NOTE = "ScienceQA accuracy of LLaVA (Vicuna-13B; the smaller LM row: Vicuna-7B), Table 8; the linear row has no paper figure"
+PAPER_NOTE = (
+    "ScienceQA accuracy of LLaVA (Vicuna-13B; the smaller LM row: Vicuna-7B), Table 8; "
+    "the linear row has no paper figure"
+)
 
 
 def row_named(name: str) -> Row:
