@@ -2,6 +2,8 @@
 (a Llama saved in the hub's cache layout with the tiny LM's tokenizer and chat template), on the
 CPU, through the same parsing, failure records and resumable JSONL as the endpoint teacher."""
 
+import hashlib
+import json
 import logging
 
 import pytest
@@ -113,3 +115,15 @@ def test_cli_instruct_with_a_local_teacher_writes_the_chat_files(offline, tmp_pa
     got = raw_replies(layout.instruct / "chat_train.failures.jsonl")
     assert len(got) == 3 and all(reply.strip() for reply in got.values())
     assert cli.main(["instruct", "--teacher", "local", "--split", "train"]) == 1  # no --model: a clear error
+
+
+def test_a_local_run_and_an_endpoint_run_of_the_same_model_are_different_data():
+    messages = [{"role": "user", "content": "Describe the image."}]
+    endpoint = TeacherConfig(kind="chat", model="some/model", seed=3)
+    local = TeacherConfig(kind="local", model="some/model", seed=3)
+    assert chat.fingerprint(messages, endpoint, "a.png") != chat.fingerprint(messages, local, "a.png")
+    # an endpoint's fingerprint is the one files made before the local teacher carry
+    made = {"messages": messages, "model": "some/model", "temperature": endpoint.chat_temperature,
+            "max_tokens": endpoint.chat_max_tokens, "image": "a.png", "seed": 3}  # fmt: skip
+    old = hashlib.sha1(json.dumps(made, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    assert chat.fingerprint(messages, endpoint, "a.png") == old

@@ -121,9 +121,13 @@ def to_sample(
 
 def fingerprint(messages: list[dict], teacher: TeacherConfig, image: str) -> str:
     """What a unit's sample was made from: the request's messages (context and prompt files), the
-    model and request settings, the image it names and the seed of the instruction draw."""
+    model and request settings, the image it names, the seed of the instruction draw, and the
+    backend when it is not an endpoint (a local model of the same name is another teacher; an
+    endpoint's fingerprints stay those of the files made before the local teacher existed)."""
     made = {"messages": messages, "model": teacher.model, "temperature": teacher.chat_temperature,
             "max_tokens": teacher.chat_max_tokens, "image": image, "seed": teacher.seed}  # fmt: skip
+    if teacher.kind != "chat":
+        made["backend"] = teacher.kind
     return hashlib.sha1(json.dumps(made, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
