@@ -35,18 +35,26 @@ def _log(path) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def shipped_lm_measured(heldout_contexts):
-    """The shipped tiny LM read afresh: text-only accuracy on 250 held-out scenes it never saw."""
-    torch.set_num_threads(2)
-    model, tokenizer = load_tiny_lm(SHIPPED)
-    contexts = heldout_contexts(250)
-    card = json.loads((SHIPPED / "metrics.json").read_text())
-    return card, text_only_accuracy(model, tokenizer, contexts, per_scene=4)
+def lm_measured(heldout_contexts):
+    """``lm_measured(folder)``: ``(its card, its text-only accuracy read afresh on 250 held-out scenes
+    it never saw)``, each folder read once."""
+    done = {}
+
+    def measure(folder):
+        if folder not in done:
+            torch.set_num_threads(2)
+            model, tokenizer = load_tiny_lm(folder)
+            card = json.loads((folder / "metrics.json").read_text())
+            done[folder] = card, text_only_accuracy(model, tokenizer, heldout_contexts(250), per_scene=4)
+        return done[folder]
+
+    return measure
 
 
 @pytest.mark.slow
-def test_shipped_tiny_lm_answers_from_held_out_contexts_as_its_card_says(shipped_lm_measured):
-    card, m = shipped_lm_measured
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED_SMALL], ids=lambda p: p.name)
+def test_shipped_tiny_lm_answers_from_held_out_contexts_as_its_card_says(lm_measured, folder):
+    card, m = lm_measured(folder)
     assert m["questions"] > 800, m["questions"]
     # no worse than the numbers committed beside the weights (250 scenes: a few points of noise)
     assert m["overall"] >= card["text_only"]["overall"] - 0.06, (m["overall"], card["text_only"]["overall"])
@@ -55,8 +63,8 @@ def test_shipped_tiny_lm_answers_from_held_out_contexts_as_its_card_says(shipped
 
 
 @pytest.mark.slow
-def test_shipped_tiny_lm_meets_the_reading_target(shipped_lm_measured):
-    _, m = shipped_lm_measured
+def test_shipped_tiny_lm_meets_the_reading_target(lm_measured):
+    _, m = lm_measured(SHIPPED)
     assert m["overall"] >= 0.9, f"text-only accuracy {m['overall']:.3f} < 0.9: {m['accuracy']}"
     for t, acc in m["accuracy"].items():
         base = m["baseline"][t]
@@ -83,16 +91,6 @@ def test_the_smaller_lm_is_the_shipped_recipe_at_half_the_depth_with_the_same_to
     assert (SHIPPED / "tokenizer.json").read_bytes() == (SHIPPED_SMALL / "tokenizer.json").read_bytes()
     n = {f.name: json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (SHIPPED, SHIPPED_SMALL)}
     assert n == {"tiny-lm": 4, "tiny-lm-small": 2}
-
-
-@pytest.mark.slow
-def test_the_smaller_lm_answers_from_held_out_contexts_as_its_card_says(heldout_contexts):
-    torch.set_num_threads(2)
-    model, tokenizer = load_tiny_lm(SHIPPED_SMALL)
-    card = json.loads((SHIPPED_SMALL / "metrics.json").read_text())
-    m = text_only_accuracy(model, tokenizer, heldout_contexts(250), per_scene=4)
-    assert m["questions"] > 800, m["questions"]
-    assert m["overall"] >= card["text_only"]["overall"] - 0.06, (m["overall"], card["text_only"]["overall"])
 
 
 def test_text_only_accuracy_asks_in_the_layout_the_tokenizer_records(heldout_contexts):
